@@ -1,0 +1,127 @@
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <sys/stat.h>
+
+#include "fsutil.h"
+#include "util.h"
+
+int read_file(const char *path, size_t max_size, char **ret_data, size_t *ret_len, crimage_error **err)
+{
+  cleanup_close int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return crimage_error_set(err, errno == ENOENT ? CRIMAGE_NOT_FOUND : CRIMAGE_INTERNAL, errno, "open `%s`", path);
+  struct stat st;
+  if (fstat(fd, &st) < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "stat `%s`", path);
+  if (!S_ISREG(st.st_mode))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "`%s` is not a regular file", path);
+  if ((uint64_t) st.st_size > max_size)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EFBIG, "`%s` is larger than %zu bytes", path, max_size);
+  size_t cap = (size_t) st.st_size;
+  char *data = xmalloc(cap + 1);
+  size_t len = 0;
+  for (;;) {
+    if (len == cap) {
+      /* The file grew since fstat: allow it up to the limit. */
+      if (cap >= max_size) {
+        char c;
+        ssize_t n = read(fd, &c, 1);
+        if (n > 0) {
+          free(data);
+          return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EFBIG, "`%s` is larger than %zu bytes", path,
+                                   max_size);
+        }
+        break;
+      }
+      cap = cap * 2 + 4096 > max_size ? max_size : cap * 2 + 4096;
+      data = xrealloc(data, cap + 1);
+    }
+    ssize_t n = read(fd, data + len, cap - len);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0) {
+      int e = errno;
+      free(data);
+      return crimage_error_set(err, CRIMAGE_INTERNAL, e, "read `%s`", path);
+    }
+    if (n == 0)
+      break;
+    len += (size_t) n;
+  }
+  data[len] = '\0';
+  *ret_data = data;
+  if (ret_len)
+    *ret_len = len;
+  return 0;
+}
+
+int write_all(int fd, const void *buf, size_t len)
+{
+  const char *p = buf;
+  while (len > 0) {
+    ssize_t n = write(fd, p, len);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return -errno;
+    p += n;
+    len -= (size_t) n;
+  }
+  return 0;
+}
+
+int fsync_dir(const char *dir)
+{
+  cleanup_close int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0)
+    return -errno;
+  if (fsync(fd) < 0)
+    return -errno;
+  return 0;
+}
+
+int fsync_parent(const char *path)
+{
+  cleanup_free char *copy = xstrdup(path);
+  return fsync_dir(dirname(copy));
+}
+
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode, crimage_error **err)
+{
+  cleanup_free char *tmp = xasprintf("%s.tmp.XXXXXX", path);
+  cleanup_close int fd = mkostemp(tmp, O_CLOEXEC);
+  if (fd < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "create temporary file for `%s`", path);
+  int r = write_all(fd, data, len);
+  if (r == 0 && fchmod(fd, mode) < 0)
+    r = -errno;
+  if (r == 0 && fsync(fd) < 0)
+    r = -errno;
+  if (r == 0 && rename(tmp, path) < 0)
+    r = -errno;
+  if (r < 0) {
+    unlink(tmp);
+    return crimage_error_set(err, CRIMAGE_INTERNAL, -r, "write `%s`", path);
+  }
+  r = fsync_parent(path);
+  if (r < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, -r, "fsync directory of `%s`", path);
+  return 0;
+}
+
+int mkdir_p(const char *path, mode_t mode, crimage_error **err)
+{
+  cleanup_free char *p = xstrdup(path);
+  for (char *s = p + 1; *s; s++) {
+    if (*s != '/')
+      continue;
+    *s = '\0';
+    if (mkdir(p, mode) < 0 && errno != EEXIST)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "mkdir `%s`", p);
+    *s = '/';
+  }
+  if (mkdir(p, mode) < 0 && errno != EEXIST)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "mkdir `%s`", p);
+  return 0;
+}

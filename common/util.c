@@ -1,0 +1,186 @@
+#include <errno.h>
+#include <stdarg.h>
+#include <time.h>
+
+#include "util.h"
+
+void *xmalloc(size_t n)
+{
+  void *p = malloc(n ? n : 1);
+  if (!p)
+    abort();
+  return p;
+}
+
+void *xcalloc(size_t n, size_t m)
+{
+  void *p = calloc(n ? n : 1, m ? m : 1);
+  if (!p)
+    abort();
+  return p;
+}
+
+void *xrealloc(void *p, size_t n)
+{
+  p = realloc(p, n ? n : 1);
+  if (!p)
+    abort();
+  return p;
+}
+
+char *xstrdup(const char *s)
+{
+  char *r = strdup(s ? s : "");
+  if (!r)
+    abort();
+  return r;
+}
+
+char *xstrndup(const char *s, size_t n)
+{
+  char *r = strndup(s, n);
+  if (!r)
+    abort();
+  return r;
+}
+
+char *xasprintf(const char *fmt, ...)
+{
+  va_list ap;
+  char *r = NULL;
+  va_start(ap, fmt);
+  if (vasprintf(&r, fmt, ap) < 0)
+    abort();
+  va_end(ap);
+  return r;
+}
+
+bool str_has_prefix(const char *s, const char *prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
+
+bool str_has_suffix(const char *s, const char *suffix)
+{
+  size_t ls = strlen(s), lx = strlen(suffix);
+  return ls >= lx && memcmp(s + ls - lx, suffix, lx) == 0;
+}
+
+void strv_free(char **v)
+{
+  if (!v)
+    return;
+  for (char **i = v; *i; i++)
+    free(*i);
+  free(v);
+}
+
+size_t strv_length(char *const *v)
+{
+  size_t n = 0;
+  while (v && v[n])
+    n++;
+  return n;
+}
+
+bool strv_contains(char *const *v, const char *s)
+{
+  for (size_t i = 0; v && v[i]; i++)
+    if (streq(v[i], s))
+      return true;
+  return false;
+}
+
+bool strv_add_unique(char ***v, const char *s)
+{
+  if (strv_contains(*v, s))
+    return false;
+  size_t n = strv_length(*v);
+  *v = xrealloc(*v, (n + 2) * sizeof(char *));
+  (*v)[n] = xstrdup(s);
+  (*v)[n + 1] = NULL;
+  return true;
+}
+
+char **strv_copy(char *const *v)
+{
+  size_t n = strv_length(v);
+  char **r = xcalloc(n + 1, sizeof(char *));
+  for (size_t i = 0; i < n; i++)
+    r[i] = xstrdup(v[i]);
+  return r;
+}
+
+bool strv_remove(char **v, const char *s)
+{
+  for (size_t i = 0; v && v[i]; i++) {
+    if (streq(v[i], s)) {
+      free(v[i]);
+      memmove(&v[i], &v[i + 1], (strv_length(&v[i + 1]) + 1) * sizeof(char *));
+      return true;
+    }
+  }
+  return false;
+}
+
+void secret_free(char *s)
+{
+  if (!s)
+    return;
+  explicit_bzero(s, strlen(s));
+  free(s);
+}
+
+int parse_duration_ms(const char *s, int64_t *ret_ms)
+{
+  /* The subset of Go's time.ParseDuration that Kubernetes configs use: a sequence of <number><unit>. */
+  static const struct {
+    const char *unit;
+    double ms;
+  } units[] = {{"ms", 1}, {"h", 3600000}, {"m", 60000}, {"s", 1000}, {"us", 0.001}, {"µs", 0.001}, {"ns", 0.000001}};
+  if (str_empty(s))
+    return -EINVAL;
+  if (streq(s, "0")) {
+    *ret_ms = 0;
+    return 0;
+  }
+  double total = 0;
+  const char *p = s;
+  while (*p) {
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(p, &end);
+    if (errno || end == p || v < 0 || *p == '+' || *p == '-')
+      return -EINVAL;
+    p = end;
+    size_t i;
+    for (i = 0; i < ARRAY_SIZE(units); i++) {
+      size_t l = strlen(units[i].unit);
+      if (strncmp(p, units[i].unit, l) == 0) {
+        /* "m" must not swallow the "m" of "ms". */
+        if (streq(units[i].unit, "m") && p[1] == 's')
+          continue;
+        total += v * units[i].ms;
+        p += l;
+        break;
+      }
+    }
+    if (i == ARRAY_SIZE(units))
+      return -EINVAL;
+    if (total > 9.2e15)
+      return -ERANGE;
+  }
+  *ret_ms = (int64_t) total;
+  return 0;
+}
+
+int64_t now_monotonic_ms(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t now_realtime_ns(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}

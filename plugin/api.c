@@ -1,0 +1,4 @@
+/* Public library entry points that belong to no module. */
+#include "crimage.h"
+
+const char *crimage_version(void) { return CRIMAGE_VERSION; }

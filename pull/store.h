@@ -1,0 +1,108 @@
+/* The content store: an OCI image layout under root (oci-layout, index.json, blobs/<alg>/<hex>), with an ingest area
+ * for blobs being written, and image records keyed by (image, runtime handler). index.json is the durable record;
+ * an in-memory index answers every query without touching the disk. Thread-safe. */
+#ifndef CRIMAGE_PULL_STORE_H
+#define CRIMAGE_PULL_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/error.h"
+
+typedef struct store store;
+
+/* A snapshot of one image record: a deep copy the caller owns. */
+typedef struct store_image {
+  char *handler;         /* runtime handler, "" for the default */
+  char *id;              /* config digest, "sha256:..." */
+  char *manifest_digest; /* the platform manifest stored */
+  char *manifest_media_type;
+  char **repo_tags;    /* NULL-terminated; normalized "name:tag" */
+  char **repo_digests; /* NULL-terminated; "name@<digest pulled>" (the index or manifest digest) */
+  char **layers;       /* NULL-terminated layer digests, in order */
+  uint64_t size;       /* manifest + config + layers, as stored */
+  char *user;          /* Config.User of the image config, "" if none */
+  int64_t created_ns;  /* when recorded (ns since the epoch) */
+  bool pinned;
+} store_image;
+
+void store_image_free(store_image *img);
+static inline void store_image_freep(store_image **img) { store_image_free(*img); }
+#define cleanup_store_image __attribute__((cleanup(store_image_freep)))
+void store_image_list_free(store_image **list, size_t n);
+
+/* Opens (creating if needed) the store at root and loads index.json. Leftover temporary files from a crash are
+ * removed; partial ingests are kept for resumption. */
+int store_open(const char *root, store **ret, crimage_error **err);
+void store_close(store *s);
+const char *store_root(const store *s);
+
+/* ---- blobs ---- */
+/* True when the blob is present (and verified: only verified blobs are ever in blobs/); size optional. */
+bool store_blob_exists(store *s, const char *digest, uint64_t *ret_size);
+/* The path of a stored blob (caller frees). */
+char *store_blob_path(store *s, const char *digest);
+/* Reads a whole stored blob of at most max bytes. */
+int store_blob_read(store *s, const char *digest, size_t max, char **ret_data, size_t *ret_len, crimage_error **err);
+/* Verifies data against digest and stores it (no-op when present). */
+int store_blob_put(store *s, const char *digest, const void *data, size_t len, crimage_error **err);
+
+/* An ingest writes one blob incrementally. The partial file lives in <root>/ingest/ named by digest and survives a
+ * restart; begin reopens it, re-hashes what is there and reports the offset to resume from. Only one ingest of a
+ * digest runs at a time (a file lock); a second begin waits for the first (or returns -EEXIST with the blob
+ * present, i.e. the other writer finished it). */
+typedef struct store_ingest store_ingest;
+int store_ingest_begin(store *s, const char *digest, int64_t expected_size, store_ingest **ret, crimage_error **err);
+uint64_t store_ingest_offset(const store_ingest *in);
+int store_ingest_write(store_ingest *in, const void *data, size_t len, crimage_error **err);
+/* Throws away what was written so far (e.g. a server ignored a Range request and resent from 0). */
+int store_ingest_truncate(store_ingest *in, crimage_error **err);
+/* Checks size and digest, fsyncs and renames into blobs/. On mismatch the partial file is deleted and the error is
+ * DATA_LOSS. Frees the ingest either way. */
+int store_ingest_commit(store_ingest *in, crimage_error **err);
+/* Stops; keep_partial keeps the bytes for a later resume. Frees the ingest. */
+void store_ingest_abort(store_ingest *in, bool keep_partial);
+
+/* ---- image records ---- */
+typedef struct store_record {
+  const char *handler;   /* "" default */
+  const char *name;      /* normalized repository name, "docker.io/library/busybox" */
+  const char *tag;       /* NULL when pulled by digest only */
+  const char *repo_digest; /* the digest the pull resolved (index or manifest) */
+  const char *manifest_digest;
+  const char *manifest_media_type;
+  uint64_t manifest_size;
+  const char *config_digest; /* = image id */
+  const char *const *layers; /* NULL-terminated */
+  uint64_t size;             /* total bytes of manifest + config + layers */
+  const char *user;
+} store_record;
+
+/* Records that (name:tag | name@repo_digest, handler) is the image described. A tag that pointed to another image
+ * for this handler moves (the other image keeps its other names). Every referenced blob must be present. The
+ * change is durable (index.json rewritten atomically) before it is visible. */
+int store_record_image(store *s, const store_record *rec, crimage_error **err);
+
+/* Finds an image for handler by: full id ("sha256:<hex>"), bare hex id or a unique id prefix (at least 3 hex
+ * digits), an exact normalized repo tag ("docker.io/library/busybox:latest") or repo digest
+ * ("docker.io/library/busybox@sha256:..."). Returns 1 and *ret when found, 0 when absent, negative on error (an
+ * ambiguous prefix is INVALID_ARGUMENT). */
+int store_find_image(store *s, const char *handler, const char *key, store_image **ret, crimage_error **err);
+/* Lists the images of handler (NULL: of every handler). */
+int store_list_images(store *s, const char *handler, store_image ***ret, size_t *ret_n, crimage_error **err);
+/* Removes the record (id) for handler with all its names, then deletes blobs no remaining record references.
+ * Returns 0 also when absent (idempotent). */
+int store_remove_image(store *s, const char *handler, const char *id, crimage_error **err);
+
+/* Usage of the store: bytes and inodes used under root, and the mount point that holds root. */
+typedef struct store_usage {
+  char *mountpoint;
+  uint64_t used_bytes;
+  uint64_t inodes_used;
+  int64_t timestamp_ns;
+} store_usage;
+int store_get_usage(store *s, store_usage *ret, crimage_error **err);
+void store_usage_clear(store_usage *u);
+
+#endif
