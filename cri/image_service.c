@@ -1,1 +1,470 @@
-/* placeholder */
+#include <errno.h>
+#include <limits.h>
+
+#include "common/digest.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "cri/api.pb-c.h"
+#include "cri/image_service.h"
+#include "pull/reference.h"
+
+/* The deprecated pod annotation that selected a runtime handler before ImageSpec.runtime_handler existed. */
+#define ANNOTATION_RUNTIME_HANDLER "io.containerd.cri.runtime-handler"
+/* An image config is small; anything larger is not one we wrote. */
+#define CONFIG_MAX_SIZE (4 * 1024 * 1024)
+
+struct image_service {
+  store *store;
+  puller *puller;
+  char *default_registry;
+  handler_config *handlers;
+  size_t n_handlers;
+  bool reject_unknown_handlers;
+  platform host_platform;
+};
+
+int image_service_new(store *st, puller *p, const image_service_options *opts, image_service **ret,
+                      crimage_error **err)
+{
+  image_service *svc = xcalloc(1, sizeof(*svc));
+  svc->store = st;
+  svc->puller = p;
+  svc->default_registry = xstrdup(opts->default_registry ? opts->default_registry : REFERENCE_DEFAULT_REGISTRY);
+  svc->reject_unknown_handlers = opts->reject_unknown_handlers;
+  svc->handlers = xcalloc(opts->n_handlers, sizeof(handler_config));
+  for (size_t i = 0; i < opts->n_handlers; i++) {
+    svc->handlers[i] = opts->handlers[i];
+    svc->handlers[i].name = xstrdup(opts->handlers[i].name);
+  }
+  svc->n_handlers = opts->n_handlers;
+  platform_host(&svc->host_platform);
+  *ret = svc;
+  return 0;
+}
+
+void image_service_free(image_service *svc)
+{
+  if (!svc)
+    return;
+  for (size_t i = 0; i < svc->n_handlers; i++)
+    free(svc->handlers[i].name);
+  free(svc->handlers);
+  free(svc->default_registry);
+  free(svc);
+}
+
+static const handler_config *find_handler(const image_service *svc, const char *name)
+{
+  for (size_t i = 0; i < svc->n_handlers; i++)
+    if (streq(svc->handlers[i].name, name))
+      return &svc->handlers[i];
+  return NULL;
+}
+
+/* The runtime handler of a request: ImageSpec.runtime_handler, else the deprecated pod annotation. */
+static int resolve_handler(const image_service *svc, const Runtime__V1__ImageSpec *spec,
+                           const Runtime__V1__PodSandboxConfig *sandbox, const char **ret, crimage_error **err)
+{
+  const char *h = spec && spec->runtime_handler ? spec->runtime_handler : "";
+  if (!*h && sandbox) {
+    for (size_t i = 0; i < sandbox->n_annotations; i++)
+      if (streq(sandbox->annotations[i]->key, ANNOTATION_RUNTIME_HANDLER) && sandbox->annotations[i]->value)
+        h = sandbox->annotations[i]->value;
+  }
+  if (*h && svc->reject_unknown_handlers && !find_handler(svc, h))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown runtime handler \"%s\"", h);
+  *ret = h;
+  return 0;
+}
+
+static bool is_hex(const char *s)
+{
+  if (!*s)
+    return false;
+  for (; *s; s++)
+    if (!((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'f')))
+      return false;
+  return true;
+}
+
+/* Finds the image an ImageSpec.image names, within a handler: an image ID (full, bare hex or a prefix), a
+ * reference by tag or a reference by digest. Returns 1 found, 0 absent, <0 error. */
+static int lookup_image(image_service *svc, const char *handler, const char *name, store_image **ret,
+                        crimage_error **err)
+{
+  if (str_has_prefix(name, "sha256:") || (strlen(name) == 64 && is_hex(name)))
+    return store_find_image(svc->store, handler, name, ret, err);
+
+  cleanup_error crimage_error *parse_err = NULL;
+  cleanup_reference image_ref *ref = NULL;
+  if (reference_parse(name, svc->default_registry, &ref, &parse_err) == 0) {
+    cleanup_free char *key = ref->digest ? reference_digested(ref) : reference_tagged(ref);
+    int r = store_find_image(svc->store, handler, key, ret, err);
+    if (r != 0)
+      return r;
+  }
+  /* A short hex string may be an ID prefix even when it also reads as a repository name. */
+  if (is_hex(name))
+    return store_find_image(svc->store, handler, name, ret, err);
+  if (parse_err) {
+    *err = TAKE_PTR(parse_err);
+    return -EINVAL;
+  }
+  return 0;
+}
+
+static char *chain_id(json_object *config)
+{
+  json_object *rootfs = json_get_object(config, "rootfs");
+  json_object *diff_ids = json_get_array(rootfs, "diff_ids");
+  size_t n = diff_ids ? json_object_array_length(diff_ids) : 0;
+  char chain[DIGEST_MAX_LEN + 1] = "";
+  for (size_t i = 0; i < n; i++) {
+    const char *d = json_object_get_string(json_object_array_get_idx(diff_ids, i));
+    if (!d)
+      return NULL;
+    if (i == 0) {
+      snprintf(chain, sizeof(chain), "%s", d);
+    } else {
+      cleanup_free char *s = xasprintf("%s %s", chain, d);
+      digest_sha256(s, strlen(s), chain);
+    }
+  }
+  return xstrdup(chain);
+}
+
+static int build_info(image_service *svc, const store_image *img, char **ret_json, crimage_error **err)
+{
+  cleanup_free char *data = NULL;
+  size_t len = 0;
+  int r = store_blob_read(svc->store, img->id, CONFIG_MAX_SIZE, &data, &len, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "reading the config of %s", img->id);
+  cleanup_json json_object *config = NULL;
+  r = json_parse(data, len, "image config", &config, err);
+  if (r < 0)
+    return r;
+  json_object *info = json_object_new_object();
+  cleanup_free char *chain = chain_id(config);
+  json_object_object_add(info, "chainID", json_object_new_string(chain ? chain : ""));
+  json_object_object_add(info, "imageSpec", json_object_get(config));
+  json_object_object_add(info, "runtimeHandler", json_object_new_string(img->handler));
+  json_object_object_add(info, "manifestDigest", json_object_new_string(img->manifest_digest));
+  *ret_json = xstrdup(json_object_to_json_string_ext(info, JSON_C_TO_STRING_PLAIN));
+  json_object_put(info);
+  return 0;
+}
+
+static char **strv_to_repeated(char *const *v, size_t *ret_n)
+{
+  size_t n = strv_length(v);
+  char **out = n ? xcalloc(n, sizeof(char *)) : NULL;
+  for (size_t i = 0; i < n; i++)
+    out[i] = xstrdup(v[i]);
+  *ret_n = n;
+  return out;
+}
+
+/* Config.User: a numeric user (before any ':') goes to uid, a name to username. */
+static void fill_user(Runtime__V1__Image *out, const char *user)
+{
+  if (str_empty(user))
+    return;
+  cleanup_free char *u = xstrdup(user);
+  char *colon = strchr(u, ':');
+  if (colon)
+    *colon = '\0';
+  if (!*u)
+    return;
+  char *end = NULL;
+  errno = 0;
+  long long id = strtoll(u, &end, 10);
+  if (!errno && end && *end == '\0' && id >= 0) {
+    out->uid = xmalloc(sizeof(*out->uid));
+    runtime__v1__int64_value__init(out->uid);
+    out->uid->value = id;
+  } else {
+    out->username = xstrdup(u);
+  }
+}
+
+static Runtime__V1__Image *to_cri_image(const store_image *img)
+{
+  Runtime__V1__Image *out = xmalloc(sizeof(*out));
+  runtime__v1__image__init(out);
+  out->id = xstrdup(img->id);
+  out->repo_tags = strv_to_repeated(img->repo_tags, &out->n_repo_tags);
+  out->repo_digests = strv_to_repeated(img->repo_digests, &out->n_repo_digests);
+  out->size = img->size;
+  out->pinned = img->pinned;
+  fill_user(out, img->user);
+  out->spec = xmalloc(sizeof(*out->spec));
+  runtime__v1__image_spec__init(out->spec);
+  out->spec->image = xstrdup(img->id);
+  if (*img->handler)
+    out->spec->runtime_handler = xstrdup(img->handler);
+  return out;
+}
+
+static int require_image(const Runtime__V1__ImageSpec *spec, crimage_error **err)
+{
+  if (!spec)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image spec is missing");
+  if (str_empty(spec->image))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image spec has an empty image");
+  return 0;
+}
+
+/* ---- ImageStatus ---- */
+
+static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                               ProtobufCMessage **ret_reply, crimage_error **err)
+{
+  image_service *svc = userdata;
+  const Runtime__V1__ImageStatusRequest *req = (const Runtime__V1__ImageStatusRequest *) request;
+  const char *handler = NULL;
+  int r = require_image(req->image, err);
+  if (r < 0)
+    return r;
+  r = resolve_handler(svc, req->image, NULL, &handler, err);
+  if (r < 0)
+    return r;
+  cleanup_store_image store_image *img = NULL;
+  r = lookup_image(svc, handler, req->image->image, &img, err);
+  if (r < 0)
+    return r;
+
+  Runtime__V1__ImageStatusResponse *reply = xmalloc(sizeof(*reply));
+  runtime__v1__image_status_response__init(reply);
+  if (img) {
+    reply->image = to_cri_image(img);
+    if (req->verbose) {
+      char *info = NULL;
+      if (build_info(svc, img, &info, err) < 0) {
+        protobuf_c_message_free_unpacked(&reply->base, NULL);
+        return -EIO;
+      }
+      Runtime__V1__ImageStatusResponse__InfoEntry *e = xmalloc(sizeof(*e));
+      runtime__v1__image_status_response__info_entry__init(e);
+      e->key = xstrdup("info");
+      e->value = info;
+      reply->info = xmalloc(sizeof(*reply->info));
+      reply->info[0] = e;
+      reply->n_info = 1;
+    }
+  }
+  *ret_reply = &reply->base;
+  return 0;
+}
+
+/* ---- ListImages ---- */
+
+static int handle_list_images(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                              ProtobufCMessage **ret_reply, crimage_error **err)
+{
+  image_service *svc = userdata;
+  const Runtime__V1__ListImagesRequest *req = (const Runtime__V1__ListImagesRequest *) request;
+  const Runtime__V1__ImageSpec *spec = req->filter ? req->filter->image : NULL;
+  const char *handler = NULL;
+  int r = resolve_handler(svc, spec, NULL, &handler, err);
+  if (r < 0)
+    return r;
+
+  store_image **list = NULL;
+  size_t n = 0;
+  if (spec && !str_empty(spec->image)) {
+    store_image *img = NULL;
+    r = lookup_image(svc, handler, spec->image, &img, err);
+    if (r < 0)
+      return r;
+    if (img) {
+      list = xmalloc(sizeof(*list));
+      list[0] = img;
+      n = 1;
+    }
+  } else {
+    /* No handler in the filter lists the images of every handler: kubelet's image GC needs them all and tells them
+     * apart by Image.spec.runtime_handler. */
+    r = store_list_images(svc->store, *handler ? handler : NULL, &list, &n, err);
+    if (r < 0)
+      return r;
+  }
+
+  Runtime__V1__ListImagesResponse *reply = xmalloc(sizeof(*reply));
+  runtime__v1__list_images_response__init(reply);
+  if (n) {
+    reply->images = xcalloc(n, sizeof(*reply->images));
+    for (size_t i = 0; i < n; i++)
+      reply->images[i] = to_cri_image(list[i]);
+    reply->n_images = n;
+  }
+  store_image_list_free(list, n);
+  *ret_reply = &reply->base;
+  return 0;
+}
+
+/* ---- RemoveImage ---- */
+
+static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                               ProtobufCMessage **ret_reply, crimage_error **err)
+{
+  image_service *svc = userdata;
+  const Runtime__V1__RemoveImageRequest *req = (const Runtime__V1__RemoveImageRequest *) request;
+  const char *handler = NULL;
+  int r = require_image(req->image, err);
+  if (r < 0)
+    return r;
+  r = resolve_handler(svc, req->image, NULL, &handler, err);
+  if (r < 0)
+    return r;
+  cleanup_store_image store_image *img = NULL;
+  r = lookup_image(svc, handler, req->image->image, &img, err);
+  if (r < 0)
+    return r;
+  if (img) {
+    r = store_remove_image(svc->store, handler, img->id, err);
+    if (r < 0)
+      return r;
+    log_info("removed image %s (%s) for handler \"%s\"", req->image->image, img->id, handler);
+  }
+  Runtime__V1__RemoveImageResponse *reply = xmalloc(sizeof(*reply));
+  runtime__v1__remove_image_response__init(reply);
+  *ret_reply = &reply->base;
+  return 0;
+}
+
+/* ---- ImageFsInfo ---- */
+
+static int handle_image_fs_info(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                                ProtobufCMessage **ret_reply, crimage_error **err)
+{
+  image_service *svc = userdata;
+  store_usage usage = {0};
+  int r = store_get_usage(svc->store, &usage, err);
+  if (r < 0)
+    return r;
+  Runtime__V1__FilesystemUsage *fs = xmalloc(sizeof(*fs));
+  runtime__v1__filesystem_usage__init(fs);
+  fs->timestamp = usage.timestamp_ns;
+  fs->fs_id = xmalloc(sizeof(*fs->fs_id));
+  runtime__v1__filesystem_identifier__init(fs->fs_id);
+  fs->fs_id->mountpoint = xstrdup(usage.mountpoint);
+  fs->used_bytes = xmalloc(sizeof(*fs->used_bytes));
+  runtime__v1__uint64_value__init(fs->used_bytes);
+  fs->used_bytes->value = usage.used_bytes;
+  fs->inodes_used = xmalloc(sizeof(*fs->inodes_used));
+  runtime__v1__uint64_value__init(fs->inodes_used);
+  fs->inodes_used->value = usage.inodes_used;
+  store_usage_clear(&usage);
+
+  Runtime__V1__ImageFsInfoResponse *reply = xmalloc(sizeof(*reply));
+  runtime__v1__image_fs_info_response__init(reply);
+  reply->image_filesystems = xmalloc(sizeof(*reply->image_filesystems));
+  reply->image_filesystems[0] = fs;
+  reply->n_image_filesystems = 1;
+  *ret_reply = &reply->base;
+  return 0;
+}
+
+/* ---- PullImage ---- */
+
+static bool call_cancelled(void *userdata) { return rpc_call_cancelled(userdata); }
+
+static credential *credential_from_auth(const Runtime__V1__AuthConfig *a, crimage_error **err)
+{
+  if (!a)
+    return NULL;
+  if (str_empty(a->username) && str_empty(a->password) && str_empty(a->auth) && str_empty(a->identity_token) &&
+      str_empty(a->registry_token))
+    return NULL;
+  credential *c = credential_new();
+  c->source = xstrdup("request");
+  if (!str_empty(a->auth)) {
+    if (credential_set_auth(c, a->auth) < 0) {
+      credential_free(c);
+      crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "auth config: `auth` is not base64 of user:password");
+      return NULL;
+    }
+  }
+  if (!str_empty(a->username)) {
+    secret_free(c->username);
+    c->username = xstrdup(a->username);
+  }
+  if (!str_empty(a->password)) {
+    secret_free(c->password);
+    c->password = xstrdup(a->password);
+  }
+  if (!str_empty(a->identity_token))
+    c->identity_token = xstrdup(a->identity_token);
+  if (!str_empty(a->registry_token))
+    c->registry_token = xstrdup(a->registry_token);
+  if (!str_empty(a->server_address))
+    c->server_address = xstrdup(a->server_address);
+  return c;
+}
+
+static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                             ProtobufCMessage **ret_reply, crimage_error **err)
+{
+  image_service *svc = userdata;
+  const Runtime__V1__PullImageRequest *req = (const Runtime__V1__PullImageRequest *) request;
+  const char *handler = NULL;
+  int r = require_image(req->image, err);
+  if (r < 0)
+    return r;
+  r = resolve_handler(svc, req->image, req->sandbox_config, &handler, err);
+  if (r < 0)
+    return r;
+  cleanup_reference image_ref *ref = NULL;
+  r = reference_parse(req->image->image, svc->default_registry, &ref, err);
+  if (r < 0)
+    return r;
+  crimage_error *auth_err = NULL;
+  cleanup_credential credential *cred = credential_from_auth(req->auth, &auth_err);
+  if (auth_err) {
+    *err = auth_err;
+    return -EINVAL;
+  }
+
+  const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
+  const platform *plat = hc && hc->has_platform ? &hc->platform : &svc->host_platform;
+  pull_request preq = {
+      .ref = ref,
+      .handler = handler,
+      .platform = plat,
+      .cred = cred,
+      .cancelled = call_cancelled,
+      .userdata = call,
+  };
+  cleanup_free char *refstr = reference_string(ref);
+  log_info("pulling %s for handler \"%s\"", refstr, handler);
+  pull_result res = {0};
+  int64_t start = now_monotonic_ms();
+  r = puller_pull(svc->puller, &preq, &res, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "pulling image \"%s\"", refstr);
+  log_info("pulled %s for handler \"%s\": %s%s in %lld ms", refstr, handler, res.image_id,
+           res.unchanged ? " (unchanged)" : "", (long long) (now_monotonic_ms() - start));
+
+  Runtime__V1__PullImageResponse *reply = xmalloc(sizeof(*reply));
+  runtime__v1__pull_image_response__init(reply);
+  reply->image_ref = TAKE_PTR(res.image_id);
+  pull_result_clear(&res);
+  *ret_reply = &reply->base;
+  return 0;
+}
+
+static const rpc_method image_methods[] = {
+    {.name = "ListImages", .unary = handle_list_images},
+    {.name = "ImageStatus", .unary = handle_image_status},
+    {.name = "PullImage", .unary = handle_pull_image},
+    {.name = "RemoveImage", .unary = handle_remove_image},
+    {.name = "ImageFsInfo", .unary = handle_image_fs_info},
+};
+
+int image_service_register(image_service *svc, rpc_server *server, crimage_error **err)
+{
+  return rpc_server_add_service(server, &runtime__v1__image_service__descriptor, image_methods,
+                                ARRAY_SIZE(image_methods), svc, err);
+}

@@ -1,1 +1,341 @@
-/* placeholder */
+#include <errno.h>
+
+#include "common/json.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "plugin/config.h"
+
+#define CONFIG_MAX_SIZE (1024 * 1024)
+
+void config_init(crimaged_config *cfg)
+{
+  *cfg = (crimaged_config){
+      .root = xstrdup(CONFIG_DEFAULT_ROOT),
+      .socket = xstrdup(CONFIG_DEFAULT_SOCKET),
+      .log_level = LOG_INFO,
+      .default_registry = xstrdup("docker.io"),
+      .certs_dir = xstrdup("/etc/crimage/certs.d"),
+      .max_concurrent_downloads = 3,
+      .pull_progress_timeout_ms = 5 * 60 * 1000,
+      .serialize_image_pulls = true,
+      .max_parallel_image_pulls = 0,
+      .pull_backoff_enabled = true,
+      .pull_backoff_initial_ms = 10 * 1000,
+      .pull_backoff_max_ms = 300 * 1000,
+      .shutdown_grace_period_ms = 10 * 1000,
+  };
+}
+
+static void registry_host_clear(registry_host *h)
+{
+  free(h->host);
+  for (size_t i = 0; i < h->n_mirrors; i++)
+    free(h->mirrors[i].endpoint);
+  free(h->mirrors);
+}
+
+void config_clear(crimaged_config *cfg)
+{
+  free(cfg->root);
+  free(cfg->socket);
+  free(cfg->default_registry);
+  free(cfg->certs_dir);
+  for (size_t i = 0; i < cfg->n_registries; i++)
+    registry_host_clear(&cfg->registries[i]);
+  free(cfg->registries);
+  for (size_t i = 0; i < cfg->n_handlers; i++)
+    free(cfg->handlers[i].name);
+  free(cfg->handlers);
+  strv_free(cfg->docker_config_paths);
+  free(cfg->credential_provider_config);
+  free(cfg->credential_provider_bin_dir);
+  free(cfg->pull_secrets_dir);
+  *cfg = (crimaged_config){0};
+}
+
+static registry_host *get_registry(crimaged_config *cfg, const char *host)
+{
+  for (size_t i = 0; i < cfg->n_registries; i++)
+    if (streq(cfg->registries[i].host, host))
+      return &cfg->registries[i];
+  cfg->registries = xrealloc(cfg->registries, (cfg->n_registries + 1) * sizeof(*cfg->registries));
+  registry_host *h = &cfg->registries[cfg->n_registries++];
+  *h = (registry_host){.host = xstrdup(host)};
+  return h;
+}
+
+void config_add_insecure_registry(crimaged_config *cfg, const char *host) { get_registry(cfg, host)->insecure = true; }
+
+/* ---- typed accessors: each names the key in its error ---- */
+
+static int get_string(json_object *v, const char *key, char **dst, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_string))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: expected a string", key);
+  free(*dst);
+  *dst = xstrdup(json_object_get_string(v));
+  return 0;
+}
+
+static int get_bool(json_object *v, const char *key, bool *dst, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_boolean))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: expected true or false", key);
+  *dst = json_object_get_boolean(v);
+  return 0;
+}
+
+static int get_int(json_object *v, const char *key, int *dst, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_int))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: expected an integer", key);
+  int64_t n = json_object_get_int64(v);
+  if (n < INT32_MIN || n > INT32_MAX)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: out of range", key);
+  *dst = (int) n;
+  return 0;
+}
+
+static int get_duration(json_object *v, const char *key, int64_t *dst, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_string) || parse_duration_ms(json_object_get_string(v), dst) < 0)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                             "config key %s: expected a duration such as \"10s\" or \"5m\"", key);
+  return 0;
+}
+
+static int get_strv(json_object *v, const char *key, char ***dst, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_array))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: expected a list of strings", key);
+  char **out = xcalloc(json_object_array_length(v) + 1, sizeof(char *));
+  for (size_t i = 0; i < json_object_array_length(v); i++) {
+    json_object *e = json_object_array_get_idx(v, i);
+    if (!json_object_is_type(e, json_type_string)) {
+      strv_free(out);
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s[%zu]: expected a string", key, i);
+    }
+    out[i] = xstrdup(json_object_get_string(e));
+  }
+  strv_free(*dst);
+  *dst = out;
+  return 0;
+}
+
+static int load_mirrors(registry_host *h, json_object *v, const char *key, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_array))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: expected a list", key);
+  for (size_t i = 0; i < json_object_array_length(v); i++) {
+    json_object *m = json_object_array_get_idx(v, i);
+    registry_mirror mirror = {0};
+    if (json_object_is_type(m, json_type_string)) {
+      mirror.endpoint = xstrdup(json_object_get_string(m));
+    } else if (json_object_is_type(m, json_type_object)) {
+      json_object_object_foreach(m, mk, mv)
+      {
+        int r = 0;
+        if (streq(mk, "endpoint"))
+          r = get_string(mv, "mirrors[].endpoint", &mirror.endpoint, err);
+        else if (streq(mk, "overridePath"))
+          r = get_bool(mv, "mirrors[].overridePath", &mirror.override_path, err);
+        else
+          r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s[%zu]: unknown key %s", key, i, mk);
+        if (r < 0) {
+          free(mirror.endpoint);
+          return r;
+        }
+      }
+    }
+    if (str_empty(mirror.endpoint)) {
+      free(mirror.endpoint);
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s[%zu]: a mirror needs an endpoint",
+                               key, i);
+    }
+    h->mirrors = xrealloc(h->mirrors, (h->n_mirrors + 1) * sizeof(*h->mirrors));
+    h->mirrors[h->n_mirrors++] = mirror;
+  }
+  return 0;
+}
+
+static int load_registries(crimaged_config *cfg, json_object *v, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_object))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key registries: expected a map of hosts");
+  json_object_object_foreach(v, host, settings)
+  {
+    if (!*host || strchr(host, '/'))
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                               "config key registries: \"%s\" is not a host[:port]", host);
+    registry_host *h = get_registry(cfg, host);
+    if (!settings)
+      continue;
+    if (!json_object_is_type(settings, json_type_object))
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key registries.%s: expected a map", host);
+    json_object_object_foreach(settings, k, val)
+    {
+      cleanup_free char *path = xasprintf("registries.%s.%s", host, k);
+      int r;
+      if (streq(k, "insecure"))
+        r = get_bool(val, path, &h->insecure, err);
+      else if (streq(k, "mirrors"))
+        r = load_mirrors(h, val, path, err);
+      else
+        r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", path);
+      if (r < 0)
+        return r;
+    }
+  }
+  return 0;
+}
+
+static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_object))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key runtimeHandlers: expected a map");
+  json_object_object_foreach(v, name, settings)
+  {
+    if (!*name)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key runtimeHandlers: empty handler name");
+    cfg->handlers = xrealloc(cfg->handlers, (cfg->n_handlers + 1) * sizeof(*cfg->handlers));
+    handler_config *h = &cfg->handlers[cfg->n_handlers++];
+    *h = (handler_config){.name = xstrdup(name)};
+    if (!settings)
+      continue;
+    if (!json_object_is_type(settings, json_type_object))
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key runtimeHandlers.%s: expected a map",
+                               name);
+    json_object_object_foreach(settings, k, val)
+    {
+      if (streq(k, "platform")) {
+        if (!json_object_is_type(val, json_type_string))
+          return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                                   "config key runtimeHandlers.%s.platform: expected \"os/arch[/variant]\"", name);
+        int r = platform_parse(json_object_get_string(val), &h->platform, err);
+        if (r < 0)
+          return crimage_error_wrap(err, "config key runtimeHandlers.%s.platform", name);
+        h->has_platform = true;
+      } else {
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key runtimeHandlers.%s.%s", name,
+                                 k);
+      }
+    }
+  }
+  return 0;
+}
+
+static int load_backoff(crimaged_config *cfg, json_object *v, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_object))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key pullBackoff: expected a map");
+  json_object_object_foreach(v, k, val)
+  {
+    int r;
+    if (streq(k, "initial"))
+      r = get_duration(val, "pullBackoff.initial", &cfg->pull_backoff_initial_ms, err);
+    else if (streq(k, "max"))
+      r = get_duration(val, "pullBackoff.max", &cfg->pull_backoff_max_ms, err);
+    else if (streq(k, "enabled"))
+      r = get_bool(val, "pullBackoff.enabled", &cfg->pull_backoff_enabled, err);
+    else
+      r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key pullBackoff.%s", k);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err)
+{
+  cleanup_json json_object *root = NULL;
+  int r = yaml_parse_file(path, CONFIG_MAX_SIZE, &root, err);
+  if (r < 0)
+    return r;
+  if (!json_object_is_type(root, json_type_object))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: expected a map of settings", path);
+
+  json_object_object_foreach(root, key, v)
+  {
+    if (!v)
+      continue; /* `key:` with no value keeps the default */
+    if (streq(key, "root"))
+      r = get_string(v, key, &cfg->root, err);
+    else if (streq(key, "socket"))
+      r = get_string(v, key, &cfg->socket, err);
+    else if (streq(key, "logLevel")) {
+      cleanup_free char *level = NULL;
+      r = get_string(v, key, &level, err);
+      if (r == 0) {
+        cfg->log_level = log_level_from_string(level);
+        if (cfg->log_level < 0)
+          r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                                "config key logLevel: \"%s\" is not one of error, warn, info, debug", level);
+      }
+    } else if (streq(key, "defaultRegistry"))
+      r = get_string(v, key, &cfg->default_registry, err);
+    else if (streq(key, "certsDir"))
+      r = get_string(v, key, &cfg->certs_dir, err);
+    else if (streq(key, "registries"))
+      r = load_registries(cfg, v, err);
+    else if (streq(key, "maxConcurrentDownloads"))
+      r = get_int(v, key, &cfg->max_concurrent_downloads, err);
+    else if (streq(key, "pullProgressTimeout"))
+      r = get_duration(v, key, &cfg->pull_progress_timeout_ms, err);
+    else if (streq(key, "serializeImagePulls"))
+      r = get_bool(v, key, &cfg->serialize_image_pulls, err);
+    else if (streq(key, "maxParallelImagePulls"))
+      r = get_int(v, key, &cfg->max_parallel_image_pulls, err);
+    else if (streq(key, "pullBackoff"))
+      r = load_backoff(cfg, v, err);
+    else if (streq(key, "runtimeHandlers"))
+      r = load_handlers(cfg, v, err);
+    else if (streq(key, "rejectUnknownRuntimeHandlers"))
+      r = get_bool(v, key, &cfg->reject_unknown_runtime_handlers, err);
+    else if (streq(key, "dockerConfigPaths"))
+      r = get_strv(v, key, &cfg->docker_config_paths, err);
+    else if (streq(key, "credentialProviderConfig"))
+      r = get_string(v, key, &cfg->credential_provider_config, err);
+    else if (streq(key, "credentialProviderBinDir"))
+      r = get_string(v, key, &cfg->credential_provider_bin_dir, err);
+    else if (streq(key, "pullSecretsDir"))
+      r = get_string(v, key, &cfg->pull_secrets_dir, err);
+    else if (streq(key, "shutdownGracePeriod"))
+      r = get_duration(v, key, &cfg->shutdown_grace_period_ms, err);
+    else
+      r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
+    if (r < 0)
+      return crimage_error_wrap(err, "%s", path);
+  }
+  return 0;
+}
+
+int config_validate(const crimaged_config *cfg, crimage_error **err)
+{
+  if (str_empty(cfg->root) || cfg->root[0] != '/')
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "root must be an absolute path");
+  if (str_empty(cfg->socket))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "socket must not be empty");
+  if (cfg->max_concurrent_downloads < 1 || cfg->max_concurrent_downloads > 64)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "maxConcurrentDownloads must be between 1 and 64");
+  if (cfg->max_parallel_image_pulls < 0)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "maxParallelImagePulls must not be negative");
+  /* kubelet refuses the same combination. */
+  if (cfg->serialize_image_pulls && cfg->max_parallel_image_pulls > 1)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                             "maxParallelImagePulls (%d) must be 1 or unset when serializeImagePulls is true",
+                             cfg->max_parallel_image_pulls);
+  if (cfg->pull_backoff_initial_ms <= 0 || cfg->pull_backoff_max_ms < cfg->pull_backoff_initial_ms)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                             "pullBackoff: initial must be positive and not larger than max");
+  if (cfg->pull_progress_timeout_ms < 1000)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "pullProgressTimeout must be at least 1s");
+  for (size_t i = 0; i < cfg->n_registries; i++)
+    for (size_t j = 0; j < cfg->registries[i].n_mirrors; j++) {
+      const char *e = cfg->registries[i].mirrors[j].endpoint;
+      if (!str_has_prefix(e, "https://") && !str_has_prefix(e, "http://"))
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                                 "registries.%s.mirrors: endpoint \"%s\" must start with https:// or http://",
+                                 cfg->registries[i].host, e);
+    }
+  return 0;
+}

@@ -1,1 +1,311 @@
-int main(void) { return 0; }
+/* crimaged: the crimage daemon. Serves the CRI v1 ImageService on a unix socket. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <libgen.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+
+#include "build-config.h"
+#include "common/fsutil.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "cri/image_service.h"
+#include "cri/server.h"
+#include "plugin/config.h"
+#include "pull/puller.h"
+#include "pull/store.h"
+
+#if HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+/* Everything the daemon owns, in one place. */
+typedef struct daemon_ctx {
+  crimaged_config cfg;
+  int lock_fd;
+  store *store;
+  puller *puller;
+  image_service *images;
+  rpc_server *server;
+  bool socket_is_ours; /* bound here (not passed in by systemd), so removed at exit */
+} daemon_ctx;
+
+static void usage(FILE *out)
+{
+  fprintf(out,
+          "Usage: crimaged [OPTIONS]\n"
+          "Serve the Kubernetes CRI v1 ImageService on a unix socket.\n\n"
+          "  -c, --config FILE             configuration file (YAML or JSON; default %s if present)\n"
+          "  -r, --root DIR                image store (default " CONFIG_DEFAULT_ROOT ")\n"
+          "  -s, --socket PATH             unix socket (default " CONFIG_DEFAULT_SOCKET ")\n"
+          "  -l, --log-level LEVEL         error, warn, info or debug\n"
+          "      --default-registry HOST   registry of short names (default docker.io)\n"
+          "      --insecure-registry HOST  use plain HTTP for HOST[:PORT] (repeatable)\n"
+          "      --certs-dir DIR           per-registry TLS files: DIR/<host[:port]>/{ca.crt,client.cert,client.key}\n"
+          "  -V, --version                 print the version\n"
+          "  -h, --help                    print this help\n",
+          CRIMAGE_DEFAULT_CONFIG);
+}
+
+enum { OPT_DEFAULT_REGISTRY = 256, OPT_INSECURE_REGISTRY, OPT_CERTS_DIR };
+
+/* Two passes: the config file first, then the flags over it. Returns 0 to go on, 1 to exit 0, -1 on usage error. */
+static int parse_args(int argc, char **argv, crimaged_config *cfg, crimage_error **err)
+{
+  static const struct option options[] = {
+      {"config", required_argument, NULL, 'c'},
+      {"root", required_argument, NULL, 'r'},
+      {"socket", required_argument, NULL, 's'},
+      {"log-level", required_argument, NULL, 'l'},
+      {"default-registry", required_argument, NULL, OPT_DEFAULT_REGISTRY},
+      {"insecure-registry", required_argument, NULL, OPT_INSECURE_REGISTRY},
+      {"certs-dir", required_argument, NULL, OPT_CERTS_DIR},
+      {"version", no_argument, NULL, 'V'},
+      {"help", no_argument, NULL, 'h'},
+      {},
+  };
+  const char *config_path = NULL;
+  int c;
+  while ((c = getopt_long(argc, argv, "c:r:s:l:Vh", options, NULL)) != -1) {
+    switch (c) {
+    case 'c':
+      config_path = optarg;
+      break;
+    case 'V':
+      printf("crimaged %s\n", CRIMAGE_VERSION);
+      return 1;
+    case 'h':
+      usage(stdout);
+      return 1;
+    case '?':
+      usage(stderr);
+      return -1;
+    default:
+      break;
+    }
+  }
+  if (optind < argc) {
+    fprintf(stderr, "crimaged: unexpected argument \"%s\"\n", argv[optind]);
+    return -1;
+  }
+  if (config_path) {
+    if (config_load_file(cfg, config_path, err) < 0)
+      return -2;
+  } else if (access(CRIMAGE_DEFAULT_CONFIG, F_OK) == 0) {
+    if (config_load_file(cfg, CRIMAGE_DEFAULT_CONFIG, err) < 0)
+      return -2;
+  }
+
+  optind = 1;
+  while ((c = getopt_long(argc, argv, "c:r:s:l:Vh", options, NULL)) != -1) {
+    switch (c) {
+    case 'r':
+      free(cfg->root);
+      cfg->root = xstrdup(optarg);
+      break;
+    case 's':
+      free(cfg->socket);
+      cfg->socket = xstrdup(optarg);
+      break;
+    case 'l':
+      cfg->log_level = log_level_from_string(optarg);
+      if (cfg->log_level < 0) {
+        fprintf(stderr, "crimaged: unknown log level \"%s\"\n", optarg);
+        return -1;
+      }
+      break;
+    case OPT_DEFAULT_REGISTRY:
+      free(cfg->default_registry);
+      cfg->default_registry = xstrdup(optarg);
+      break;
+    case OPT_INSECURE_REGISTRY:
+      config_add_insecure_registry(cfg, optarg);
+      break;
+    case OPT_CERTS_DIR:
+      free(cfg->certs_dir);
+      cfg->certs_dir = xstrdup(optarg);
+      break;
+    default:
+      break;
+    }
+  }
+  /* A relative root or socket is taken from the working directory, once, so nothing depends on it later. */
+  if (cfg->root[0] != '/') {
+    cleanup_free char *cwd = getcwd(NULL, 0);
+    if (cwd) {
+      char *abs = xasprintf("%s/%s", cwd, cfg->root);
+      free(cfg->root);
+      cfg->root = abs;
+    }
+  }
+  return 0;
+}
+
+/* One daemon per root: a second one would corrupt the index. */
+static int lock_root(daemon_ctx *d, crimage_error **err)
+{
+  int r = mkdir_p(d->cfg.root, 0700, err);
+  if (r < 0)
+    return r;
+  cleanup_free char *path = xasprintf("%s/crimaged.lock", d->cfg.root);
+  cleanup_close int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "open lock file `%s`", path);
+  if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+    if (errno == EWOULDBLOCK)
+      return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                               "another crimaged is using the store at `%s`", d->cfg.root);
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "lock `%s`", path);
+  }
+  d->lock_fd = TAKE_FD(fd);
+  return 0;
+}
+
+static int open_listener(daemon_ctx *d, int *ret_fd, crimage_error **err)
+{
+#if HAVE_SYSTEMD
+  int n = sd_listen_fds(1);
+  if (n > 1)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "expected one socket from systemd, got %d", n);
+  if (n == 1) {
+    if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "the socket from systemd is not a unix stream socket");
+    log_info("using the socket passed by systemd");
+    *ret_fd = SD_LISTEN_FDS_START;
+    return 0;
+  }
+#endif
+  cleanup_free char *dir = xstrdup(d->cfg.socket);
+  int r = mkdir_p(dirname(dir), 0755, err);
+  if (r < 0)
+    return r;
+  r = rpc_listen_unix(d->cfg.socket, 0660, ret_fd, err);
+  if (r < 0)
+    return r;
+  d->socket_is_ours = true;
+  return 0;
+}
+
+static int daemon_start(daemon_ctx *d, crimage_error **err)
+{
+  int r = lock_root(d, err);
+  if (r < 0)
+    return r;
+  r = store_open(d->cfg.root, &d->store, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "opening the store");
+
+  puller_options po = {
+      .certs_dir = d->cfg.certs_dir,
+      .hosts = d->cfg.registries,
+      .n_hosts = d->cfg.n_registries,
+      .max_concurrent_downloads = d->cfg.max_concurrent_downloads,
+      .progress_timeout_ms = d->cfg.pull_progress_timeout_ms,
+      .user_agent = "crimage/" CRIMAGE_VERSION,
+  };
+  r = puller_new(d->store, &po, &d->puller, err);
+  if (r < 0)
+    return r;
+
+  image_service_options io = {
+      .default_registry = d->cfg.default_registry,
+      .handlers = d->cfg.handlers,
+      .n_handlers = d->cfg.n_handlers,
+      .reject_unknown_handlers = d->cfg.reject_unknown_runtime_handlers,
+  };
+  r = image_service_new(d->store, d->puller, &io, &d->images, err);
+  if (r < 0)
+    return r;
+
+  r = rpc_server_new(&d->server, err);
+  if (r < 0)
+    return r;
+  r = image_service_register(d->images, d->server, err);
+  if (r < 0)
+    return r;
+  int fd = -1;
+  r = open_listener(d, &fd, err);
+  if (r < 0)
+    return r;
+  return rpc_server_start(d->server, fd, err);
+}
+
+static void daemon_stop(daemon_ctx *d)
+{
+  if (d->server) {
+    rpc_server_shutdown(d->server, (int) d->cfg.shutdown_grace_period_ms);
+    rpc_server_free(d->server);
+  }
+  if (d->socket_is_ours)
+    unlink(d->cfg.socket);
+  image_service_free(d->images);
+  puller_free(d->puller);
+  store_close(d->store);
+  if (d->lock_fd >= 0)
+    close(d->lock_fd);
+  config_clear(&d->cfg);
+}
+
+int main(int argc, char **argv)
+{
+  daemon_ctx d = {.lock_fd = -1};
+  crimage_error *err = NULL;
+  config_init(&d.cfg);
+
+  int r = parse_args(argc, argv, &d.cfg, &err);
+  if (r != 0) {
+    if (err)
+      fprintf(stderr, "crimaged: %s\n", err->message);
+    crimage_error_free(err);
+    config_clear(&d.cfg);
+    return r > 0 ? 0 : r == -1 ? 2 : 1;
+  }
+  log_set_max_level(d.cfg.log_level);
+  if (config_validate(&d.cfg, &err) < 0) {
+    log_error("invalid configuration: %s", err->message);
+    crimage_error_free(err);
+    config_clear(&d.cfg);
+    return 1;
+  }
+
+  /* Signals are taken synchronously by sigwait below; block them before any thread (gRPC's included) starts so
+   * every thread inherits the mask. */
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  sigaddset(&mask, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &mask, NULL);
+  signal(SIGPIPE, SIG_IGN);
+
+  if (daemon_start(&d, &err) < 0) {
+    log_error("%s", err->message);
+    crimage_error_free(err);
+    daemon_stop(&d);
+    return 1;
+  }
+  log_info("crimaged %s serving the CRI ImageService on %s (store %s)", CRIMAGE_VERSION, d.cfg.socket, d.cfg.root);
+#if HAVE_SYSTEMD
+  sd_notify(0, "READY=1\nSTATUS=serving");
+#endif
+
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&mask, &sig) != 0)
+      continue;
+    if (sig == SIGHUP) {
+      log_info("SIGHUP: nothing to reload; restart crimaged to apply a new configuration");
+      continue;
+    }
+    log_info("received %s, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    break;
+  }
+#if HAVE_SYSTEMD
+  sd_notify(0, "STOPPING=1");
+#endif
+  daemon_stop(&d);
+  log_info("stopped");
+  return 0;
+}

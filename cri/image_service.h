@@ -1,0 +1,35 @@
+/* The CRI v1 ImageService handlers: PullImage, ImageStatus, ListImages, RemoveImage, ImageFsInfo. Every image is
+ * keyed by (image, runtime handler). */
+#ifndef CRIMAGE_CRI_IMAGE_SERVICE_H
+#define CRIMAGE_CRI_IMAGE_SERVICE_H
+
+#include <stdbool.h>
+
+#include "common/error.h"
+#include "cri/server.h"
+#include "pull/platform.h"
+#include "pull/puller.h"
+#include "pull/store.h"
+
+/* A runtime handler declared in the config. */
+typedef struct handler_config {
+  char *name;
+  bool has_platform;
+  platform platform; /* the platform this handler pulls from an index */
+} handler_config;
+
+typedef struct image_service_options {
+  const char *default_registry;     /* NULL = docker.io */
+  const handler_config *handlers;   /* declared handlers */
+  size_t n_handlers;
+  bool reject_unknown_handlers;     /* an undeclared handler is INVALID_ARGUMENT (else a plain key) */
+} image_service_options;
+
+typedef struct image_service image_service;
+
+int image_service_new(store *st, puller *p, const image_service_options *opts, image_service **ret,
+                      crimage_error **err);
+void image_service_free(image_service *svc);
+int image_service_register(image_service *svc, rpc_server *server, crimage_error **err);
+
+#endif

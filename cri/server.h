@@ -1,0 +1,53 @@
+/* A generic gRPC server on the gRPC C core, driven by protobuf-c service descriptors.
+ *
+ * One dispatcher thread asks the core for new calls; every call is then served on a thread of its own with its own
+ * completion queue, so a long PullImage never holds up an ImageStatus. The listening unix socket is ours (bound
+ * here or passed in by systemd); accepted connections are handed to the core. */
+#ifndef CRIMAGE_CRI_SERVER_H
+#define CRIMAGE_CRI_SERVER_H
+
+#include <protobuf-c/protobuf-c.h>
+#include <stdbool.h>
+
+#include "common/error.h"
+
+#define RPC_MAX_MESSAGE_SIZE (16 * 1024 * 1024) /* kubelet's cap on CRI messages */
+
+typedef struct rpc_server rpc_server;
+typedef struct rpc_call rpc_call;
+
+/* A unary handler fills *ret_reply (a message of the method's output type; every field heap-allocated, it is freed
+ * with protobuf_c_message_free_unpacked) or returns an error whose status goes to the client. */
+typedef int (*rpc_unary_fn)(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                            ProtobufCMessage **ret_reply, crimage_error **err);
+/* A server-streaming handler sends its messages with rpc_call_send and returns 0 or an error. */
+typedef int (*rpc_stream_fn)(void *userdata, rpc_call *call, const ProtobufCMessage *request, crimage_error **err);
+
+typedef struct rpc_method {
+  const char *name; /* as in the service descriptor, e.g. "PullImage" */
+  rpc_unary_fn unary;
+  rpc_stream_fn stream;
+} rpc_method;
+
+int rpc_server_new(rpc_server **ret, crimage_error **err);
+/* Registers the methods of a service; methods not listed answer UNIMPLEMENTED. */
+int rpc_server_add_service(rpc_server *s, const ProtobufCServiceDescriptor *service, const rpc_method *methods,
+                           size_t n_methods, void *userdata, crimage_error **err);
+/* Serves on a listening unix socket fd (taken over). */
+int rpc_server_start(rpc_server *s, int listen_fd, crimage_error **err);
+/* Stops accepting, lets running calls finish for grace_ms, then cancels the rest and waits for their threads. */
+void rpc_server_shutdown(rpc_server *s, int grace_ms);
+void rpc_server_free(rpc_server *s);
+
+/* True once the client went away, the deadline passed or the server is shutting down. Thread-safe. */
+bool rpc_call_cancelled(rpc_call *call);
+/* Sends one message of a server-streaming method. */
+int rpc_call_send(rpc_call *call, const ProtobufCMessage *msg, crimage_error **err);
+/* The peer's description, for logs. */
+const char *rpc_call_method(const rpc_call *call);
+
+/* Binds a unix stream socket at path with the given mode, after checking no live server answers there (a stale
+ * socket file is replaced). Returns the listening fd. */
+int rpc_listen_unix(const char *path, mode_t mode, int *ret_fd, crimage_error **err);
+
+#endif

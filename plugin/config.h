@@ -1,0 +1,49 @@
+/* crimaged's configuration: defaults, a YAML/JSON file (camelCase keys as in KubeletConfiguration), then flags. */
+#ifndef CRIMAGE_PLUGIN_CONFIG_H
+#define CRIMAGE_PLUGIN_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/error.h"
+#include "cri/image_service.h"
+#include "pull/puller.h"
+
+#define CONFIG_DEFAULT_ROOT "/var/lib/crimage"
+#define CONFIG_DEFAULT_SOCKET "/run/crimage/crimage.sock"
+
+typedef struct crimaged_config {
+  char *root;
+  char *socket;
+  int log_level; /* syslog level */
+  char *default_registry;
+  char *certs_dir;
+  registry_host *registries;
+  size_t n_registries;
+  int max_concurrent_downloads;
+  int64_t pull_progress_timeout_ms;
+  bool serialize_image_pulls;
+  int max_parallel_image_pulls; /* 0 = no limit; only with serialize_image_pulls false */
+  bool pull_backoff_enabled;
+  int64_t pull_backoff_initial_ms;
+  int64_t pull_backoff_max_ms;
+  handler_config *handlers;
+  size_t n_handlers;
+  bool reject_unknown_runtime_handlers;
+  char **docker_config_paths; /* NULL-terminated; NULL = kubelet's search order */
+  char *credential_provider_config;
+  char *credential_provider_bin_dir;
+  char *pull_secrets_dir;
+  int64_t shutdown_grace_period_ms;
+} crimaged_config;
+
+void config_init(crimaged_config *cfg);
+void config_clear(crimaged_config *cfg);
+/* Merges a config file into cfg. Unknown keys and values of the wrong type are errors naming the key. */
+int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err);
+/* Adds (or updates) registries.<host>.insecure = true. */
+void config_add_insecure_registry(crimaged_config *cfg, const char *host);
+/* Checks combinations, as kubelet refuses invalid pull settings at start-up. */
+int config_validate(const crimaged_config *cfg, crimage_error **err);
+
+#endif
