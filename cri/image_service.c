@@ -22,6 +22,8 @@ struct image_service {
   size_t n_handlers;
   bool reject_unknown_handlers;
   platform host_platform;
+  scheduler *scheduler;
+  backoff *backoff;
 };
 
 int image_service_new(store *st, puller *p, const image_service_options *opts, image_service **ret,
@@ -32,6 +34,8 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
   svc->puller = p;
   svc->default_registry = xstrdup(opts->default_registry ? opts->default_registry : REFERENCE_DEFAULT_REGISTRY);
   svc->reject_unknown_handlers = opts->reject_unknown_handlers;
+  svc->scheduler = opts->scheduler;
+  svc->backoff = opts->backoff;
   svc->handlers = xcalloc(opts->n_handlers, sizeof(handler_config));
   for (size_t i = 0; i < opts->n_handlers; i++) {
     svc->handlers[i] = opts->handlers[i];
@@ -404,6 +408,68 @@ static credential *credential_from_auth(const Runtime__V1__AuthConfig *a, crimag
   return c;
 }
 
+/* One pull as the scheduler runs it. */
+typedef struct pull_job {
+  image_service *svc;
+  pull_request req;
+} pull_job;
+
+static int run_pull_job(void *ud, void **ret_result, crimage_error **err)
+{
+  pull_job *job = ud;
+  pull_result *res = xcalloc(1, sizeof(*res));
+  int r = puller_pull(job->svc->puller, &job->req, res, err);
+  if (r < 0) {
+    free(res);
+    return r;
+  }
+  *ret_result = res;
+  return 0;
+}
+
+static void free_pull_result(void *p)
+{
+  pull_result_clear(p);
+  free(p);
+}
+
+static void *copy_pull_result(const void *p)
+{
+  const pull_result *src = p;
+  pull_result *dst = xcalloc(1, sizeof(*dst));
+  dst->image_id = xstrdup(src->image_id);
+  dst->repo_digest = src->repo_digest ? xstrdup(src->repo_digest) : NULL;
+  dst->manifest_digest = src->manifest_digest ? xstrdup(src->manifest_digest) : NULL;
+  dst->unchanged = src->unchanged;
+  return dst;
+}
+
+/* Pulls are told apart by handler, reference and credential: kubelet tries one credential after another, and the
+ * failure of one must neither be shared with nor hold back the try with the next. */
+static char *pull_key(const char *handler, const char *ref, const credential *cred)
+{
+  char digest[DIGEST_MAX_LEN + 1] = "anonymous";
+  if (cred) {
+    digester *d = digester_new("sha256");
+    const char *fields[] = {cred->username, cred->password, cred->identity_token, cred->registry_token,
+                            cred->server_address};
+    for (size_t i = 0; i < ARRAY_SIZE(fields); i++) {
+      const char *f = fields[i] ? fields[i] : "";
+      digester_update(d, f, strlen(f) + 1);
+    }
+    digester_final(d, digest);
+    digester_free(d);
+  }
+  return xasprintf("%s\x1f%s\x1f%s", handler, ref, digest);
+}
+
+static const char *pod_uid_of(const Runtime__V1__PodSandboxConfig *sandbox)
+{
+  if (sandbox && sandbox->metadata && !str_empty(sandbox->metadata->uid))
+    return sandbox->metadata->uid;
+  return NULL;
+}
+
 static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMessage *request,
                              ProtobufCMessage **ret_reply, crimage_error **err)
 {
@@ -426,31 +492,53 @@ static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMess
     *err = auth_err;
     return -EINVAL;
   }
+  cleanup_free char *refstr = reference_string(ref);
+  cleanup_free char *key = pull_key(handler, refstr, cred);
+
+  if (svc->backoff) {
+    int64_t retry_at = 0;
+    cleanup_free char *last_error = NULL;
+    int64_t now = now_monotonic_ms();
+    if (backoff_check(svc->backoff, key, now, &retry_at, &last_error))
+      return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0,
+                               "Back-off pulling image \"%s\": next try in %lld s; last error: %s", refstr,
+                               (long long) ((retry_at - now + 999) / 1000), last_error ? last_error : "unknown");
+  }
 
   const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
-  const platform *plat = hc && hc->has_platform ? &hc->platform : &svc->host_platform;
-  pull_request preq = {
-      .ref = ref,
-      .handler = handler,
-      .platform = plat,
-      .cred = cred,
-      .cancelled = call_cancelled,
-      .userdata = call,
+  pull_job job = {
+      .svc = svc,
+      .req =
+          {
+              .ref = ref,
+              .handler = handler,
+              .platform = hc && hc->has_platform ? &hc->platform : &svc->host_platform,
+              .cred = cred,
+              .cancelled = call_cancelled,
+              .userdata = call,
+          },
   };
-  cleanup_free char *refstr = reference_string(ref);
-  log_info("pulling %s for handler \"%s\"", refstr, handler);
-  pull_result res = {0};
+  log_info("pulling %s for handler \"%s\"%s%s", refstr, handler, cred ? " with credentials from " : "",
+           cred ? cred->source : "");
+  pull_result *res = NULL;
   int64_t start = now_monotonic_ms();
-  r = puller_pull(svc->puller, &preq, &res, err);
-  if (r < 0)
-    return crimage_error_wrap(err, "pulling image \"%s\"", refstr);
-  log_info("pulled %s for handler \"%s\": %s%s in %lld ms", refstr, handler, res.image_id,
-           res.unchanged ? " (unchanged)" : "", (long long) (now_monotonic_ms() - start));
+  r = scheduler_run(svc->scheduler, key, pod_uid_of(req->sandbox_config), run_pull_job, &job, (void **) &res,
+                    free_pull_result, copy_pull_result, err);
+  if (r < 0) {
+    /* A pull the client gave up on says nothing about the image. */
+    if (svc->backoff && *err && (*err)->status != CRIMAGE_CANCELLED && (*err)->status != CRIMAGE_RESOURCE_EXHAUSTED)
+      backoff_fail(svc->backoff, key, now_monotonic_ms(), (*err)->message);
+    return r;
+  }
+  if (svc->backoff)
+    backoff_success(svc->backoff, key);
+  log_info("pulled %s for handler \"%s\": %s%s in %lld ms", refstr, handler, res->image_id,
+           res->unchanged ? " (unchanged)" : "", (long long) (now_monotonic_ms() - start));
 
   Runtime__V1__PullImageResponse *reply = xmalloc(sizeof(*reply));
   runtime__v1__pull_image_response__init(reply);
-  reply->image_ref = TAKE_PTR(res.image_id);
-  pull_result_clear(&res);
+  reply->image_ref = TAKE_PTR(res->image_id);
+  free_pull_result(res);
   *ret_reply = &reply->base;
   return 0;
 }

@@ -7,8 +7,10 @@
 
 #include "common/error.h"
 #include "cri/server.h"
+#include "pull/backoff.h"
 #include "pull/platform.h"
 #include "pull/puller.h"
+#include "pull/scheduler.h"
 #include "pull/store.h"
 
 /* A runtime handler declared in the config. */
@@ -23,6 +25,8 @@ typedef struct image_service_options {
   const handler_config *handlers;   /* declared handlers */
   size_t n_handlers;
   bool reject_unknown_handlers;     /* an undeclared handler is INVALID_ARGUMENT (else a plain key) */
+  scheduler *scheduler;             /* when pulls may run (required) */
+  backoff *backoff;                 /* failed pulls wait before the next try; NULL = no back-off */
 } image_service_options;
 
 typedef struct image_service image_service;

@@ -4,6 +4,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "plugin/config.h"
+#include "pull/scheduler.h"
 
 #define CONFIG_MAX_SIZE (1024 * 1024)
 
@@ -317,13 +318,11 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "socket must not be empty");
   if (cfg->max_concurrent_downloads < 1 || cfg->max_concurrent_downloads > 64)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "maxConcurrentDownloads must be between 1 and 64");
-  if (cfg->max_parallel_image_pulls < 0)
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "maxParallelImagePulls must not be negative");
-  /* kubelet refuses the same combination. */
-  if (cfg->serialize_image_pulls && cfg->max_parallel_image_pulls > 1)
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
-                             "maxParallelImagePulls (%d) must be 1 or unset when serializeImagePulls is true",
-                             cfg->max_parallel_image_pulls);
+  /* kubelet refuses the same combinations. */
+  scheduler_options so = {.serialize = cfg->serialize_image_pulls, .max_parallel = cfg->max_parallel_image_pulls};
+  int r = scheduler_options_validate(&so, err);
+  if (r < 0)
+    return r;
   if (cfg->pull_backoff_initial_ms <= 0 || cfg->pull_backoff_max_ms < cfg->pull_backoff_initial_ms)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                              "pullBackoff: initial must be positive and not larger than max");

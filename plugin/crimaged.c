@@ -27,6 +27,8 @@ typedef struct daemon_ctx {
   int lock_fd;
   store *store;
   puller *puller;
+  scheduler *scheduler;
+  backoff *backoff;
   image_service *images;
   rpc_server *server;
   bool socket_is_ours; /* bound here (not passed in by systemd), so removed at exit */
@@ -209,11 +211,23 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   if (r < 0)
     return r;
 
+  scheduler_options so;
+  scheduler_options_init(&so);
+  so.serialize = d->cfg.serialize_image_pulls;
+  so.max_parallel = d->cfg.max_parallel_image_pulls;
+  r = scheduler_new(&so, &d->scheduler, err);
+  if (r < 0)
+    return r;
+  if (d->cfg.pull_backoff_enabled)
+    d->backoff = backoff_new(d->cfg.pull_backoff_initial_ms, d->cfg.pull_backoff_max_ms, 0);
+
   image_service_options io = {
       .default_registry = d->cfg.default_registry,
       .handlers = d->cfg.handlers,
       .n_handlers = d->cfg.n_handlers,
       .reject_unknown_handlers = d->cfg.reject_unknown_runtime_handlers,
+      .scheduler = d->scheduler,
+      .backoff = d->backoff,
   };
   r = image_service_new(d->store, d->puller, &io, &d->images, err);
   if (r < 0)
@@ -234,6 +248,9 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
 
 static void daemon_stop(daemon_ctx *d)
 {
+  /* Queued pulls fail at once; running ones are cancelled by the server shutdown after the grace period. */
+  if (d->scheduler)
+    scheduler_shutdown(d->scheduler);
   if (d->server) {
     rpc_server_shutdown(d->server, (int) d->cfg.shutdown_grace_period_ms);
     rpc_server_free(d->server);
@@ -241,6 +258,8 @@ static void daemon_stop(daemon_ctx *d)
   if (d->socket_is_ours)
     unlink(d->cfg.socket);
   image_service_free(d->images);
+  scheduler_free(d->scheduler);
+  backoff_free(d->backoff);
   puller_free(d->puller);
   store_close(d->store);
   if (d->lock_fd >= 0)
