@@ -65,9 +65,9 @@ int crimage_pull_policy_parse(const char *s, crimage_pull_policy *ret);
 const char *crimage_pull_policy_name(crimage_pull_policy p);
 
 /* ---- Client of a CRI v1 ImageService (crimaged, or any other) on a unix socket. ----
- * A client is one gRPC channel; calls on it may run from several threads. Every call returns 0 or a negative
- * errno with *err set; a gRPC failure keeps its status number in err->status and the server's message. A NULL or
- * "" runtime_handler selects the default handler. */
+ * A client is one gRPC channel; calls on it may run from several threads (but do not change its timeout while
+ * calls run). Every call returns 0 or a negative errno with *err set; a gRPC failure keeps its status number in
+ * err->status and the server's message. A NULL or "" runtime_handler selects the default handler. */
 typedef struct crimage_client crimage_client;
 
 /* One registry credential, as kubelet sends it in PullImageRequest.auth. NULL fields are sent empty. */
