@@ -1,1 +1,1297 @@
-/* placeholder */
+/* The content store: an OCI image layout (oci-layout, index.json, blobs/<alg>/<hex>) plus ingest/ for blobs being
+ * written. index.json holds one descriptor per name of an image per runtime handler, with io.crimage.* annotations
+ * that carry everything the in-memory index needs, so start-up never reads a blob.
+ *
+ * Crash safety: a blob reaches blobs/ only by rename() of a fully written, verified and fsynced ingest file; index.json
+ * is replaced atomically (write_file_atomic) before a change becomes visible in memory. A killed writer therefore
+ * leaves at most a partial file in ingest/ (resumed later) and the old or the new index.json. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+
+#include "common/digest.h"
+#include "common/fsutil.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "pull/store.h"
+
+#define INDEX_MAX_SIZE ((size_t) 64 << 20)
+#define RECORD_MAX_LAYERS 4096
+#define NAME_MAX_LEN 4096
+#define TAG_MAX_LEN 128
+#define HANDLER_MAX_LEN 256
+#define USER_MAX_LEN 4096
+#define MEDIA_TYPE_MAX_LEN 256
+#define KEY_MAX_LEN 8192
+#define ID_PREFIX_MIN 3
+
+#define OCI_INDEX_MEDIA_TYPE "application/vnd.oci.image.index.v1+json"
+#define ANN_REF_NAME "org.opencontainers.image.ref.name"
+#define ANN_HANDLER "io.crimage.runtime-handler"
+#define ANN_NAME "io.crimage.image.name"
+#define ANN_REPO_DIGEST "io.crimage.repo-digest"
+#define ANN_ID "io.crimage.image.id"
+#define ANN_SIZE "io.crimage.image.size"
+#define ANN_USER "io.crimage.image.user"
+#define ANN_CREATED "io.crimage.created"
+#define ANN_LAYERS "io.crimage.layers"
+
+typedef struct record {
+  char *handler;
+  char *id;
+  char *manifest_digest;
+  char *manifest_media_type;
+  uint64_t manifest_size;
+  char **repo_tags;    /* never NULL */
+  char **repo_digests; /* never NULL */
+  char **layers;       /* never NULL */
+  uint64_t size;
+  char *user;
+  int64_t created_ns;
+} record;
+
+typedef struct record_set {
+  record **v;
+  size_t n;
+} record_set;
+
+struct store {
+  char *root;
+  char *index_path;
+  char *ingest_dir;
+  /* Serializes every change of the records (and the GC that follows a removal). The records are only written
+   * while holding it, so a writer may read them without the rwlock. */
+  pthread_mutex_t write_lock;
+  /* Guards recs for readers; a writer holds it exclusively only to swap in the new set, never across disk I/O. */
+  pthread_rwlock_t lock;
+  record_set recs;
+  /* Pulls in progress (store_hold) and the blobs whose deletion waits for them; both guarded by write_lock. */
+  unsigned holds;
+  char **deferred_gc;
+};
+
+struct store_ingest {
+  store *s;
+  char *digest;
+  char *path;
+  char *blob_path;
+  int fd;
+  digester *d;
+  uint64_t offset;
+  int64_t expected;
+};
+
+/* ---- records ---- */
+
+static void record_free(record *r)
+{
+  if (!r)
+    return;
+  free(r->handler);
+  free(r->id);
+  free(r->manifest_digest);
+  free(r->manifest_media_type);
+  strv_free(r->repo_tags);
+  strv_free(r->repo_digests);
+  strv_free(r->layers);
+  free(r->user);
+  free(r);
+}
+
+static record *record_copy(const record *r)
+{
+  record *c = xcalloc(1, sizeof(*c));
+  c->handler = xstrdup(r->handler);
+  c->id = xstrdup(r->id);
+  c->manifest_digest = xstrdup(r->manifest_digest);
+  c->manifest_media_type = xstrdup(r->manifest_media_type);
+  c->manifest_size = r->manifest_size;
+  c->repo_tags = strv_copy(r->repo_tags);
+  c->repo_digests = strv_copy(r->repo_digests);
+  c->layers = strv_copy(r->layers);
+  c->size = r->size;
+  c->user = xstrdup(r->user);
+  c->created_ns = r->created_ns;
+  return c;
+}
+
+static void record_set_clear(record_set *set)
+{
+  for (size_t i = 0; i < set->n; i++)
+    record_free(set->v[i]);
+  free(set->v);
+  set->v = NULL;
+  set->n = 0;
+}
+static void record_set_clearp(record_set *set) { record_set_clear(set); }
+#define cleanup_record_set _cleanup_(record_set_clearp)
+
+static void record_set_append(record_set *set, record *r)
+{
+  set->v = xrealloc(set->v, (set->n + 1) * sizeof(record *));
+  set->v[set->n++] = r;
+}
+
+static void record_set_copy(const record_set *from, record_set *to)
+{
+  to->v = from->n ? xcalloc(from->n, sizeof(record *)) : NULL;
+  to->n = from->n;
+  for (size_t i = 0; i < from->n; i++)
+    to->v[i] = record_copy(from->v[i]);
+}
+
+static record *record_set_find_id(const record_set *set, const char *handler, const char *id)
+{
+  for (size_t i = 0; i < set->n; i++)
+    if (streq(set->v[i]->handler, handler) && streq(set->v[i]->id, id))
+      return set->v[i];
+  return NULL;
+}
+
+static bool record_references(const record *r, const char *digest)
+{
+  return streq(r->manifest_digest, digest) || streq(r->id, digest) || strv_contains(r->layers, digest);
+}
+
+static bool record_set_references(const record_set *set, const char *digest)
+{
+  for (size_t i = 0; i < set->n; i++)
+    if (record_references(set->v[i], digest))
+      return true;
+  return false;
+}
+
+static store_image *record_to_image(const record *r)
+{
+  store_image *img = xcalloc(1, sizeof(*img));
+  img->handler = xstrdup(r->handler);
+  img->id = xstrdup(r->id);
+  img->manifest_digest = xstrdup(r->manifest_digest);
+  img->manifest_media_type = xstrdup(r->manifest_media_type);
+  img->repo_tags = strv_copy(r->repo_tags);
+  img->repo_digests = strv_copy(r->repo_digests);
+  img->layers = strv_copy(r->layers);
+  img->size = r->size;
+  img->user = xstrdup(r->user);
+  img->created_ns = r->created_ns;
+  img->pinned = false;
+  return img;
+}
+
+void store_image_free(store_image *img)
+{
+  if (!img)
+    return;
+  free(img->handler);
+  free(img->id);
+  free(img->manifest_digest);
+  free(img->manifest_media_type);
+  strv_free(img->repo_tags);
+  strv_free(img->repo_digests);
+  strv_free(img->layers);
+  free(img->user);
+  free(img);
+}
+
+void store_image_list_free(store_image **list, size_t n)
+{
+  if (!list)
+    return;
+  for (size_t i = 0; i < n; i++)
+    store_image_free(list[i]);
+  free(list);
+}
+
+/* ---- paths ---- */
+
+const char *store_root(const store *s) { return s->root; }
+
+/* "sha256:<hex>" -> "<root>/blobs/sha256/<hex>"; the digest must be valid (it becomes a path). */
+static char *blob_path(const store *s, const char *digest)
+{
+  return xasprintf("%s/blobs/%.*s/%s", s->root, (int) (strchr(digest, ':') - digest), digest, digest_hex(digest));
+}
+
+static char *ingest_path(const store *s, const char *digest)
+{
+  return xasprintf("%s/%.*s-%s", s->ingest_dir, (int) (strchr(digest, ':') - digest), digest, digest_hex(digest));
+}
+
+static char *digest_algorithm(const char *digest) { return xstrndup(digest, (size_t) (strchr(digest, ':') - digest)); }
+
+char *store_blob_path(store *s, const char *digest)
+{
+  if (!digest_valid(digest))
+    return NULL;
+  return blob_path(s, digest);
+}
+
+/* ---- blobs ---- */
+
+bool store_blob_exists(store *s, const char *digest, uint64_t *ret_size)
+{
+  if (!digest_valid(digest))
+    return false;
+  cleanup_free char *path = blob_path(s, digest);
+  struct stat st;
+  if (stat(path, &st) < 0 || !S_ISREG(st.st_mode))
+    return false;
+  if (ret_size)
+    *ret_size = (uint64_t) st.st_size;
+  return true;
+}
+
+int store_blob_read(store *s, const char *digest, size_t max, char **ret_data, size_t *ret_len, crimage_error **err)
+{
+  if (!digest_valid(digest))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid digest `%.80s`", digest ? digest : "");
+  cleanup_free char *path = blob_path(s, digest);
+  cleanup_free char *data = NULL;
+  size_t len = 0;
+  int r = read_file(path, max, &data, &len, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "reading blob %s", digest);
+
+  /* Blobs are verified when stored; checking again is cheap for the small blobs read whole (manifests, configs)
+   * and turns silent disk corruption into a clear error. */
+  cleanup_free char *algo = digest_algorithm(digest);
+  cleanup_digester digester *d = digester_new(algo);
+  char actual[DIGEST_MAX_LEN + 1];
+  digester_update(d, data, len);
+  digester_final(d, actual);
+  if (!streq(actual, digest))
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EIO, "blob %s is corrupt on disk (content hashes to %s)", digest,
+                             actual);
+  *ret_data = TAKE_PTR(data);
+  if (ret_len)
+    *ret_len = len;
+  return 0;
+}
+
+int store_blob_put(store *s, const char *digest, const void *data, size_t len, crimage_error **err)
+{
+  if (!digest_valid(digest))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid digest `%.80s`", digest ? digest : "");
+  if (store_blob_exists(s, digest, NULL))
+    return 0;
+  store_ingest *in = NULL;
+  int r = store_ingest_begin(s, digest, (int64_t) len, &in, err);
+  if (r == -EEXIST)
+    return 0;
+  if (r < 0)
+    return r;
+  if (store_ingest_offset(in) > 0) {
+    r = store_ingest_truncate(in, err);
+    if (r < 0) {
+      store_ingest_abort(in, false);
+      return r;
+    }
+  }
+  r = store_ingest_write(in, data, len, err);
+  if (r < 0) {
+    store_ingest_abort(in, false);
+    return r;
+  }
+  return store_ingest_commit(in, err);
+}
+
+/* ---- ingest ---- */
+
+static void ingest_free(store_ingest *in)
+{
+  if (!in)
+    return;
+  if (in->fd >= 0)
+    close(in->fd); /* also drops the flock */
+  digester_free(in->d);
+  free(in->digest);
+  free(in->path);
+  free(in->blob_path);
+  free(in);
+}
+static void ingest_freep(store_ingest **in) { ingest_free(*in); }
+
+/* Hashes the bytes already in the partial file so writing can resume after them. */
+static int ingest_rehash(store_ingest *in, crimage_error **err)
+{
+  if (lseek(in->fd, 0, SEEK_SET) < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "seek `%s`", in->path);
+  cleanup_free char *buf = xmalloc(1 << 16);
+  uint64_t off = 0;
+  for (;;) {
+    ssize_t n = read(in->fd, buf, 1 << 16);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "read `%s`", in->path);
+    if (n == 0)
+      break;
+    digester_update(in->d, buf, (size_t) n);
+    off += (uint64_t) n;
+  }
+  in->offset = off;
+  return 0;
+}
+
+static int ingest_reset(store_ingest *in, crimage_error **err)
+{
+  if (ftruncate(in->fd, 0) < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "truncate `%s`", in->path);
+  if (lseek(in->fd, 0, SEEK_SET) < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "seek `%s`", in->path);
+  char scratch[DIGEST_MAX_LEN + 1];
+  digester_final(in->d, scratch); /* resets the digester */
+  in->offset = 0;
+  return 0;
+}
+
+int store_ingest_begin(store *s, const char *digest, int64_t expected_size, store_ingest **ret, crimage_error **err)
+{
+  if (!digest_valid(digest))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid digest `%.80s`", digest ? digest : "");
+  if (store_blob_exists(s, digest, NULL))
+    return -EEXIST;
+
+  cleanup_free char *algo = digest_algorithm(digest);
+  _cleanup_(ingest_freep) store_ingest *in = xcalloc(1, sizeof(*in));
+  in->s = s;
+  in->fd = -1;
+  in->digest = xstrdup(digest);
+  in->path = ingest_path(s, digest);
+  in->blob_path = blob_path(s, digest);
+  in->d = digester_new(algo);
+  in->expected = expected_size;
+
+  /* Lock-file dance: the file we locked may have been renamed into blobs/ or deleted by the writer we waited for,
+   * so after getting the lock check that the path still names our file, else start over. */
+  for (;;) {
+    int fd = open(in->path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "open ingest file `%s`", in->path);
+    in->fd = fd;
+    int r;
+    do
+      r = flock(fd, LOCK_EX);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "lock ingest file `%s`", in->path);
+    struct stat a, b;
+    if (fstat(fd, &a) < 0)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "stat `%s`", in->path);
+    if (stat(in->path, &b) < 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+      close(TAKE_FD(in->fd));
+      continue;
+    }
+    if (!S_ISREG(a.st_mode))
+      return crimage_error_set(err, CRIMAGE_INTERNAL, EINVAL, "ingest file `%s` is not a regular file", in->path);
+    if (store_blob_exists(s, digest, NULL)) {
+      /* The writer we waited for committed it; drop the empty file we created (we hold its lock). */
+      unlink(in->path);
+      return -EEXIST;
+    }
+    break;
+  }
+
+  int r = ingest_rehash(in, err);
+  if (r < 0)
+    return r;
+  if (expected_size >= 0 && in->offset > (uint64_t) expected_size) {
+    log_warn("partial blob %s is larger than expected (%" PRIu64 " > %" PRId64 "), restarting it", digest, in->offset,
+             expected_size);
+    r = ingest_reset(in, err);
+    if (r < 0)
+      return r;
+  }
+  if (in->offset > 0)
+    log_debug("resuming blob %s at offset %" PRIu64, digest, in->offset);
+  *ret = TAKE_PTR(in);
+  return 0;
+}
+
+uint64_t store_ingest_offset(const store_ingest *in) { return in->offset; }
+
+int store_ingest_write(store_ingest *in, const void *data, size_t len, crimage_error **err)
+{
+  if (in->expected >= 0 && (len > (uint64_t) in->expected || in->offset > (uint64_t) in->expected - len))
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EFBIG, "blob %s is larger than its descriptor says (%" PRId64
+                             " bytes)", in->digest, in->expected);
+  int r = write_all(in->fd, data, len);
+  if (r < 0) {
+    /* Drop a short write so the file again holds exactly the hashed bytes (a later resume re-hashes it anyway). */
+    if (ftruncate(in->fd, (off_t) in->offset) == 0)
+      (void) lseek(in->fd, (off_t) in->offset, SEEK_SET);
+    return crimage_error_set(err, r == -ENOSPC ? CRIMAGE_RESOURCE_EXHAUSTED : CRIMAGE_INTERNAL, -r,
+                             "write ingest file `%s`", in->path);
+  }
+  digester_update(in->d, data, len);
+  in->offset += len;
+  return 0;
+}
+
+int store_ingest_truncate(store_ingest *in, crimage_error **err) { return ingest_reset(in, err); }
+
+int store_ingest_commit(store_ingest *in, crimage_error **err)
+{
+  _cleanup_(ingest_freep) store_ingest *owned = in;
+  char actual[DIGEST_MAX_LEN + 1];
+  digester_final(in->d, actual);
+  if (in->expected >= 0 && in->offset != (uint64_t) in->expected) {
+    unlink(in->path);
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EIO, "blob %s has %" PRIu64 " bytes, expected %" PRId64,
+                             in->digest, in->offset, in->expected);
+  }
+  if (!streq(actual, in->digest)) {
+    unlink(in->path);
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EIO, "blob content hashes to %s, expected %s", actual,
+                             in->digest);
+  }
+  if (fsync(in->fd) < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "fsync `%s`", in->path);
+  cleanup_free char *algo = digest_algorithm(in->digest);
+  cleanup_free char *dir = xasprintf("%s/blobs/%s", in->s->root, algo);
+  int r = mkdir_p(dir, 0700, err);
+  if (r < 0)
+    return r;
+  if (rename(in->path, in->blob_path) < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "move blob %s into place", in->digest);
+  r = fsync_dir(dir);
+  if (r < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, -r, "fsync `%s`", dir);
+  (void) fsync_dir(in->s->ingest_dir);
+  return 0;
+}
+
+void store_ingest_abort(store_ingest *in, bool keep_partial)
+{
+  if (!in)
+    return;
+  if (!keep_partial)
+    unlink(in->path); /* still under our lock: nobody else is using this file */
+  ingest_free(in);
+}
+
+/* ---- index.json ---- */
+
+static void ann_add(json_object *ann, const char *key, const char *value)
+{
+  json_object_object_add(ann, key, json_object_new_string(value));
+}
+
+/* One descriptor for name (ref_name for a tag, else NULL) of record r. */
+static json_object *descriptor_new(const record *r, const char *ref_name, const char *name, const char *repo_digest)
+{
+  json_object *desc = json_object_new_object();
+  json_object_object_add(desc, "mediaType", json_object_new_string(r->manifest_media_type));
+  json_object_object_add(desc, "digest", json_object_new_string(r->manifest_digest));
+  json_object_object_add(desc, "size", json_object_new_int64((int64_t) r->manifest_size));
+  json_object *ann = json_object_new_object();
+  if (ref_name)
+    ann_add(ann, ANN_REF_NAME, ref_name);
+  ann_add(ann, ANN_HANDLER, r->handler);
+  if (name)
+    ann_add(ann, ANN_NAME, name);
+  if (repo_digest)
+    ann_add(ann, ANN_REPO_DIGEST, repo_digest);
+  ann_add(ann, ANN_ID, r->id);
+  char num[32];
+  snprintf(num, sizeof(num), "%" PRIu64, r->size);
+  ann_add(ann, ANN_SIZE, num);
+  ann_add(ann, ANN_USER, r->user);
+  snprintf(num, sizeof(num), "%" PRId64, r->created_ns);
+  ann_add(ann, ANN_CREATED, num);
+  size_t total = 1;
+  for (char **l = r->layers; *l; l++)
+    total += strlen(*l) + 1;
+  cleanup_free char *layers = xmalloc(total);
+  size_t off = 0;
+  for (char **l = r->layers; *l; l++)
+    off += (size_t) sprintf(layers + off, "%s%s", off ? "," : "", *l);
+  layers[off] = '\0';
+  ann_add(ann, ANN_LAYERS, layers);
+  json_object_object_add(desc, "annotations", ann);
+  return desc;
+}
+
+/* "docker.io/library/busybox:latest" -> "docker.io/library/busybox" (the tag follows the last ':' after the last
+ * '/', so a registry port is not mistaken for a tag). */
+static char *tag_repo_name(const char *tagged)
+{
+  const char *slash = strrchr(tagged, '/');
+  const char *colon = strrchr(slash ? slash : tagged, ':');
+  return colon ? xstrndup(tagged, (size_t) (colon - tagged)) : NULL;
+}
+
+static int index_write(store *s, const record_set *set, crimage_error **err)
+{
+  cleanup_json json_object *idx = json_object_new_object();
+  json_object_object_add(idx, "schemaVersion", json_object_new_int(2));
+  json_object_object_add(idx, "mediaType", json_object_new_string(OCI_INDEX_MEDIA_TYPE));
+  json_object *manifests = json_object_new_array();
+  json_object_object_add(idx, "manifests", manifests);
+  for (size_t i = 0; i < set->n; i++) {
+    const record *r = set->v[i];
+    for (char **t = r->repo_tags; *t; t++) {
+      cleanup_free char *name = tag_repo_name(*t);
+      /* Carry the repo digest pulled under the same name along, so a lone tag descriptor is a complete name. */
+      const char *rd = NULL;
+      for (char **d = r->repo_digests; name && *d && !rd; d++) {
+        size_t nl = strlen(name);
+        if (strncmp(*d, name, nl) == 0 && (*d)[nl] == '@')
+          rd = *d + nl + 1;
+      }
+      json_object_array_add(manifests, descriptor_new(r, *t, name, rd));
+    }
+    for (char **d = r->repo_digests; *d; d++) {
+      const char *at = strchr(*d, '@');
+      cleanup_free char *name = xstrndup(*d, (size_t) (at - *d));
+      json_object_array_add(manifests, descriptor_new(r, NULL, name, at + 1));
+    }
+    /* An image without any name stays listed (untagged), so it still needs a descriptor. */
+    if (!r->repo_tags[0] && !r->repo_digests[0])
+      json_object_array_add(manifests, descriptor_new(r, NULL, NULL, NULL));
+  }
+  size_t len = 0;
+  const char *text = json_object_to_json_string_length(idx, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE,
+                                                       &len);
+  if (len > INDEX_MAX_SIZE)
+    return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, EFBIG, "index.json would exceed %zu bytes",
+                             INDEX_MAX_SIZE);
+  int r = write_file_atomic(s->index_path, text, len, 0644, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "updating the image index");
+  return 0;
+}
+
+static bool parse_u64(const char *s, uint64_t *ret)
+{
+  if (!s || !*s || *s == '-')
+    return false;
+  char *end;
+  errno = 0;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (errno || *end)
+    return false;
+  *ret = v;
+  return true;
+}
+
+static bool string_ok(const char *s, size_t max)
+{
+  if (!s || strlen(s) > max)
+    return false;
+  for (const unsigned char *p = (const unsigned char *) s; *p; p++)
+    if (*p < 0x20 || *p == 0x7f)
+      return false;
+  return true;
+}
+
+/* Splits "a,b,c" into validated digests. */
+static char **parse_layers(const char *s)
+{
+  char **v = xcalloc(1, sizeof(char *));
+  if (!*s)
+    return v;
+  size_t n = 0;
+  const char *p = s;
+  for (;;) {
+    const char *comma = strchr(p, ',');
+    size_t l = comma ? (size_t) (comma - p) : strlen(p);
+    cleanup_free char *d = xstrndup(p, l);
+    if (!digest_valid(d) || ++n > RECORD_MAX_LAYERS) {
+      strv_free(v);
+      return NULL;
+    }
+    /* Layers may repeat (an image can contain the same layer twice): keep order and duplicates. */
+    size_t len = strv_length(v);
+    v = xrealloc(v, (len + 2) * sizeof(char *));
+    v[len] = TAKE_PTR(d);
+    v[len + 1] = NULL;
+    if (!comma)
+      break;
+    p = comma + 1;
+  }
+  return v;
+}
+
+/* Merges one descriptor of index.json into set. Returns false (with a reason) for a corrupt entry. */
+static bool load_descriptor(record_set *set, json_object *desc, const char **ret_reason)
+{
+  json_object *ann = json_get_object(desc, "annotations");
+  const char *media_type = json_get_string(desc, "mediaType");
+  const char *manifest = json_get_string(desc, "digest");
+  int64_t msize = -1;
+  if (!json_object_is_type(desc, json_type_object) || !ann) {
+    *ret_reason = "not a descriptor with annotations";
+    return false;
+  }
+  if (!string_ok(media_type, MEDIA_TYPE_MAX_LEN) || !digest_valid(manifest) || !json_get_int64(desc, "size", &msize) ||
+      msize < 0) {
+    *ret_reason = "bad mediaType, digest or size";
+    return false;
+  }
+  const char *handler = json_get_string(ann, ANN_HANDLER);
+  const char *id = json_get_string(ann, ANN_ID);
+  const char *ref_name = json_get_string(ann, ANN_REF_NAME);
+  const char *name = json_get_string(ann, ANN_NAME);
+  const char *repo_digest = json_get_string(ann, ANN_REPO_DIGEST);
+  const char *user = json_get_string(ann, ANN_USER);
+  const char *layers_s = json_get_string(ann, ANN_LAYERS);
+  uint64_t size, created;
+  if (!string_ok(handler, HANDLER_MAX_LEN) || !digest_valid(id)) {
+    *ret_reason = "missing or bad " ANN_HANDLER " / " ANN_ID;
+    return false;
+  }
+  if (!parse_u64(json_get_string(ann, ANN_SIZE), &size) || !parse_u64(json_get_string(ann, ANN_CREATED), &created) ||
+      created > INT64_MAX || !string_ok(user, USER_MAX_LEN) || !layers_s) {
+    *ret_reason = "missing or bad size, created, user or layers annotation";
+    return false;
+  }
+  cleanup_free char *ref_repo = ref_name ? tag_repo_name(ref_name) : NULL;
+  if (ref_name && (!string_ok(ref_name, NAME_MAX_LEN + TAG_MAX_LEN + 1) || !ref_repo)) {
+    *ret_reason = "bad " ANN_REF_NAME;
+    return false;
+  }
+  if ((name && !string_ok(name, NAME_MAX_LEN)) || (repo_digest && !digest_valid(repo_digest))) {
+    *ret_reason = "bad " ANN_NAME " or " ANN_REPO_DIGEST;
+    return false;
+  }
+  cleanup_strv char **layers = parse_layers(layers_s);
+  if (!layers) {
+    *ret_reason = "bad " ANN_LAYERS;
+    return false;
+  }
+
+  record *r = record_set_find_id(set, handler, id);
+  if (!r) {
+    r = xcalloc(1, sizeof(*r));
+    r->handler = xstrdup(handler);
+    r->id = xstrdup(id);
+    r->manifest_digest = xstrdup(manifest);
+    r->manifest_media_type = xstrdup(media_type);
+    r->manifest_size = (uint64_t) msize;
+    r->repo_tags = xcalloc(1, sizeof(char *));
+    r->repo_digests = xcalloc(1, sizeof(char *));
+    r->layers = TAKE_PTR(layers);
+    r->size = size;
+    r->user = xstrdup(user);
+    r->created_ns = (int64_t) created;
+    record_set_append(set, r);
+  }
+  if (ref_name)
+    strv_add_unique(&r->repo_tags, ref_name);
+  if (name && repo_digest) {
+    cleanup_free char *rd = xasprintf("%s@%s", name, repo_digest);
+    strv_add_unique(&r->repo_digests, rd);
+  }
+  return true;
+}
+
+static bool record_blobs_present(store *s, const record *r, const char **ret_missing)
+{
+  if (!store_blob_exists(s, r->manifest_digest, NULL)) {
+    *ret_missing = r->manifest_digest;
+    return false;
+  }
+  if (!store_blob_exists(s, r->id, NULL)) {
+    *ret_missing = r->id;
+    return false;
+  }
+  for (char **l = r->layers; *l; l++)
+    if (!store_blob_exists(s, *l, NULL)) {
+      *ret_missing = *l;
+      return false;
+    }
+  return true;
+}
+
+/* Loads index.json into s->recs; *ret_dirty tells that entries were dropped and the file should be rewritten. */
+static int index_load(store *s, bool *ret_dirty, crimage_error **err)
+{
+  cleanup_free char *data = NULL;
+  size_t len = 0;
+  cleanup_error crimage_error *rerr = NULL;
+  int r = read_file(s->index_path, INDEX_MAX_SIZE, &data, &len, &rerr);
+  if (r == -ENOENT) {
+    *ret_dirty = true;
+    return 0;
+  }
+  if (r < 0)
+    return crimage_error_set(err, rerr->status, rerr->errnum, "%s", rerr->message);
+
+  /* The file is replaced atomically, so a document that does not parse is not a torn write but damage from
+   * outside; refuse to start rather than forget (and later garbage-collect) every image. */
+  cleanup_json json_object *idx = NULL;
+  cleanup_error crimage_error *perr = NULL;
+  r = json_parse(data, len, "index.json", &idx, &perr);
+  if (r < 0)
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, 0, "`%s` is corrupt (%s); move it aside to start empty",
+                             s->index_path, perr ? perr->message : "parse error");
+  json_object *manifests = json_get_array(idx, "manifests");
+  if (!json_object_is_type(idx, json_type_object) || (!manifests && json_object_object_get_ex(idx, "manifests", NULL)))
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EINVAL, "`%s` is not an OCI image index", s->index_path);
+
+  bool dirty = false;
+  cleanup_record_set record_set set = {0};
+  size_t n = manifests ? json_object_array_length(manifests) : 0;
+  for (size_t i = 0; i < n; i++) {
+    const char *reason = NULL;
+    if (!load_descriptor(&set, json_object_array_get_idx(manifests, i), &reason)) {
+      log_warn("%s: ignoring entry %zu: %s", s->index_path, i, reason);
+      dirty = true;
+    }
+  }
+  record_set kept = {0};
+  for (size_t i = 0; i < set.n; i++) {
+    const char *missing = NULL;
+    if (!record_blobs_present(s, set.v[i], &missing)) {
+      log_warn("dropping image %s (handler \"%s\"): blob %s is missing", set.v[i]->id, set.v[i]->handler, missing);
+      record_free(set.v[i]);
+      dirty = true;
+    } else {
+      record_set_append(&kept, set.v[i]);
+    }
+    set.v[i] = NULL;
+  }
+  s->recs = kept;
+  *ret_dirty = dirty;
+  return 0;
+}
+
+/* ---- garbage collection ---- */
+
+/* Deletes the blobs among candidates that no record of set references. Called with write_lock held. */
+static void gc_candidates(store *s, const record_set *set, char *const *candidates)
+{
+  bool deleted = false;
+  for (size_t i = 0; candidates[i]; i++) {
+    if (!digest_valid(candidates[i]) || record_set_references(set, candidates[i]))
+      continue;
+    cleanup_free char *path = blob_path(s, candidates[i]);
+    if (unlink(path) < 0) {
+      if (errno != ENOENT)
+        log_warn("cannot delete blob %s: %s", candidates[i], strerror(errno));
+      continue;
+    }
+    log_debug("deleted blob %s", candidates[i]);
+    deleted = true;
+  }
+  if (deleted) {
+    cleanup_free char *dir = xasprintf("%s/blobs/sha256", s->root);
+    (void) fsync_dir(dir);
+  }
+}
+
+/* Deletes now, or later when the last pull in progress ends (it may have found one of these blobs present and be
+ * about to record an image that uses it). Called with write_lock held, which is all that s->recs needs here. */
+static void gc_or_defer(store *s, char *const *candidates)
+{
+  if (s->holds == 0) {
+    gc_candidates(s, &s->recs, candidates);
+    return;
+  }
+  for (size_t i = 0; candidates[i]; i++)
+    strv_add_unique(&s->deferred_gc, candidates[i]);
+}
+
+void store_hold(store *s)
+{
+  pthread_mutex_lock(&s->write_lock);
+  s->holds++;
+  pthread_mutex_unlock(&s->write_lock);
+}
+
+void store_release(store *s)
+{
+  pthread_mutex_lock(&s->write_lock);
+  if (s->holds > 0 && --s->holds == 0 && s->deferred_gc) {
+    gc_candidates(s, &s->recs, s->deferred_gc);
+    strv_free(s->deferred_gc);
+    s->deferred_gc = NULL;
+  }
+  pthread_mutex_unlock(&s->write_lock);
+}
+
+static char **record_blobs(const record *r)
+{
+  char **v = strv_copy(r->layers);
+  strv_add_unique(&v, r->manifest_digest);
+  strv_add_unique(&v, r->id);
+  return v;
+}
+
+/* At open nothing is being pulled yet, so every blob no record references is garbage: left by a failed pull, a
+ * crash between committing blobs and recording the image, or a removal interrupted before its GC. */
+static void sweep_unreferenced(store *s)
+{
+  static const char *const algos[] = {"sha256", "sha512"};
+  size_t deleted = 0;
+  for (size_t a = 0; a < ARRAY_SIZE(algos); a++) {
+    cleanup_free char *dir = xasprintf("%s/blobs/%s", s->root, algos[a]);
+    DIR *d = opendir(dir);
+    if (!d)
+      continue;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+      if (de->d_name[0] == '.')
+        continue;
+      cleanup_free char *digest = xasprintf("%s:%s", algos[a], de->d_name);
+      if (digest_valid(digest) && record_set_references(&s->recs, digest))
+        continue;
+      log_debug("deleting unreferenced blob %s", digest);
+      if (unlinkat(dirfd(d), de->d_name, 0) < 0) {
+        if (errno != ENOENT)
+          log_warn("cannot delete `%s/%s`: %s", dir, de->d_name, strerror(errno));
+      } else {
+        deleted++;
+      }
+    }
+    closedir(d);
+  }
+  if (deleted > 0)
+    log_info("deleted %zu blobs no image references", deleted);
+}
+
+/* Removes temporary files of interrupted atomic writes, and ingest files whose name is not a digest. */
+static void remove_leftovers(store *s)
+{
+  DIR *d = opendir(s->root);
+  if (d) {
+    struct dirent *de;
+    while ((de = readdir(d)))
+      if (str_has_prefix(de->d_name, "index.json.tmp.") || str_has_prefix(de->d_name, "oci-layout.tmp."))
+        (void) unlinkat(dirfd(d), de->d_name, 0);
+    closedir(d);
+  }
+  d = opendir(s->ingest_dir);
+  if (d) {
+    struct dirent *de;
+    while ((de = readdir(d))) {
+      if (streq(de->d_name, ".") || streq(de->d_name, ".."))
+        continue;
+      cleanup_free char *digest = xstrdup(de->d_name);
+      char *dash = strchr(digest, '-');
+      if (dash)
+        *dash = ':';
+      if (!dash || !digest_valid(digest)) {
+        log_warn("removing stray file `%s/%s`", s->ingest_dir, de->d_name);
+        (void) unlinkat(dirfd(d), de->d_name, 0);
+      }
+    }
+    closedir(d);
+  }
+}
+
+/* ---- open/close ---- */
+
+int store_open(const char *root, store **ret, crimage_error **err)
+{
+  if (str_empty(root))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "empty store root");
+  int r = mkdir_p(root, 0700, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "creating the store");
+  char *real = realpath(root, NULL);
+  if (!real)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "resolve `%s`", root);
+
+  store *s = xcalloc(1, sizeof(*s));
+  s->root = real;
+  s->index_path = xasprintf("%s/index.json", real);
+  s->ingest_dir = xasprintf("%s/ingest", real);
+  pthread_mutex_init(&s->write_lock, NULL);
+  pthread_rwlock_init(&s->lock, NULL);
+
+  cleanup_free char *sha256_dir = xasprintf("%s/blobs/sha256", real);
+  cleanup_free char *layout = xasprintf("%s/oci-layout", real);
+  bool dirty = false;
+  r = mkdir_p(sha256_dir, 0700, err);
+  if (r == 0)
+    r = mkdir_p(s->ingest_dir, 0700, err);
+  if (r == 0 && access(layout, F_OK) < 0) {
+    static const char content[] = "{\"imageLayoutVersion\":\"1.0.0\"}";
+    r = write_file_atomic(layout, content, sizeof(content) - 1, 0644, err);
+  }
+  if (r == 0) {
+    remove_leftovers(s);
+    r = index_load(s, &dirty, err);
+  }
+  if (r == 0 && dirty)
+    r = index_write(s, &s->recs, err);
+  if (r < 0) {
+    store_close(s);
+    return crimage_error_wrap(err, "opening the store at `%s`", root);
+  }
+  sweep_unreferenced(s);
+  log_debug("store at %s: %zu image records", real, s->recs.n);
+  *ret = s;
+  return 0;
+}
+
+void store_close(store *s)
+{
+  if (!s)
+    return;
+  record_set_clear(&s->recs);
+  strv_free(s->deferred_gc);
+  pthread_rwlock_destroy(&s->lock);
+  pthread_mutex_destroy(&s->write_lock);
+  free(s->root);
+  free(s->index_path);
+  free(s->ingest_dir);
+  free(s);
+}
+
+/* Makes next durable, then visible. Called with write_lock held; takes ownership of next's records. */
+static int commit_records(store *s, record_set *next, crimage_error **err)
+{
+  int r = index_write(s, next, err);
+  if (r < 0)
+    return r;
+  pthread_rwlock_wrlock(&s->lock);
+  record_set old = s->recs;
+  s->recs = *next;
+  pthread_rwlock_unlock(&s->lock);
+  *next = (record_set){0};
+  record_set_clear(&old);
+  return 0;
+}
+
+/* ---- records ---- */
+
+static int validate_record(const store_record *rec, crimage_error **err)
+{
+  const char *handler = rec->handler ? rec->handler : "";
+  if (!string_ok(handler, HANDLER_MAX_LEN))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid runtime handler");
+  if (str_empty(rec->name) || !string_ok(rec->name, NAME_MAX_LEN) || strchr(rec->name, '@') ||
+      strchr(rec->name, ','))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid image name");
+  if (rec->tag && (!*rec->tag || !string_ok(rec->tag, TAG_MAX_LEN) || strpbrk(rec->tag, ":/@,")))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid tag");
+  if (rec->repo_digest && !digest_valid(rec->repo_digest))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid repo digest");
+  if (!rec->tag && !rec->repo_digest)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "an image record needs a tag or a repo digest");
+  if (!digest_valid(rec->manifest_digest) || !digest_valid(rec->config_digest))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid manifest or config digest");
+  if (!string_ok(rec->manifest_media_type, MEDIA_TYPE_MAX_LEN) || !*rec->manifest_media_type)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid manifest media type");
+  if (rec->user && !string_ok(rec->user, USER_MAX_LEN))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid image user");
+  if (rec->manifest_size > INT64_MAX || rec->size > INT64_MAX)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid size");
+  size_t n = 0;
+  for (const char *const *l = rec->layers; l && *l; l++, n++)
+    if (!digest_valid(*l))
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid layer digest");
+  if (n > RECORD_MAX_LAYERS)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, E2BIG, "too many layers (%zu, at most %d)", n,
+                             RECORD_MAX_LAYERS);
+  return 0;
+}
+
+int store_record_image(store *s, const store_record *rec, crimage_error **err)
+{
+  int r = validate_record(rec, err);
+  if (r < 0)
+    return r;
+  const char *handler = rec->handler ? rec->handler : "";
+
+  cleanup_free char *tag_name = rec->tag ? xasprintf("%s:%s", rec->name, rec->tag) : NULL;
+  cleanup_free char *digest_name = rec->repo_digest ? xasprintf("%s@%s", rec->name, rec->repo_digest) : NULL;
+
+  pthread_mutex_lock(&s->write_lock);
+  /* Blobs are deleted only under write_lock, so once checked here they stay until the record is in place. A removal
+   * that ran after the caller saw a blob and before this point makes the caller's pull fail here, not record an
+   * image with a missing blob. */
+  const char *missing = NULL;
+  if (!store_blob_exists(s, rec->manifest_digest, NULL))
+    missing = rec->manifest_digest;
+  else if (!store_blob_exists(s, rec->config_digest, NULL))
+    missing = rec->config_digest;
+  for (const char *const *l = rec->layers; !missing && l && *l; l++)
+    if (!store_blob_exists(s, *l, NULL))
+      missing = *l;
+  if (missing) {
+    pthread_mutex_unlock(&s->write_lock);
+    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, ENOENT, "blob %s of image %s is not stored", missing,
+                             rec->config_digest);
+  }
+
+  cleanup_record_set record_set next = {0};
+  record_set_copy(&s->recs, &next);
+
+  /* A name designates one image per handler: take it away from any other image of this handler. */
+  for (size_t i = 0; i < next.n; i++) {
+    record *o = next.v[i];
+    if (!streq(o->handler, handler) || streq(o->id, rec->config_digest))
+      continue;
+    if (tag_name)
+      strv_remove(o->repo_tags, tag_name);
+    if (digest_name)
+      strv_remove(o->repo_digests, digest_name);
+  }
+
+  cleanup_strv char **garbage = NULL;
+  record *cur = record_set_find_id(&next, handler, rec->config_digest);
+  if (cur) {
+    /* Same image again (perhaps through another manifest): add the name, describe it as last pulled. */
+    if (!streq(cur->manifest_digest, rec->manifest_digest)) {
+      garbage = xcalloc(2, sizeof(char *));
+      garbage[0] = xstrdup(cur->manifest_digest);
+    }
+    for (char **l = cur->layers; *l; l++)
+      strv_add_unique(&garbage, *l);
+  } else {
+    cur = xcalloc(1, sizeof(*cur));
+    cur->handler = xstrdup(handler);
+    cur->id = xstrdup(rec->config_digest);
+    cur->repo_tags = xcalloc(1, sizeof(char *));
+    cur->repo_digests = xcalloc(1, sizeof(char *));
+    cur->created_ns = now_realtime_ns();
+    record_set_append(&next, cur);
+  }
+  free(cur->manifest_digest);
+  cur->manifest_digest = xstrdup(rec->manifest_digest);
+  free(cur->manifest_media_type);
+  cur->manifest_media_type = xstrdup(rec->manifest_media_type);
+  cur->manifest_size = rec->manifest_size;
+  strv_free(cur->layers);
+  cur->layers = strv_copy((char *const *) rec->layers);
+  cur->size = rec->size;
+  free(cur->user);
+  cur->user = xstrdup(rec->user ? rec->user : "");
+  if (tag_name)
+    strv_add_unique(&cur->repo_tags, tag_name);
+  if (digest_name)
+    strv_add_unique(&cur->repo_digests, digest_name);
+
+  r = commit_records(s, &next, err);
+  if (r == 0 && garbage)
+    gc_or_defer(s, garbage);
+  pthread_mutex_unlock(&s->write_lock);
+  if (r < 0)
+    return crimage_error_wrap(err, "recording image %s", rec->config_digest);
+  return 0;
+}
+
+static bool all_hex(const char *s)
+{
+  for (; *s; s++)
+    if (!((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'f')))
+      return false;
+  return true;
+}
+
+/* Called with the read lock held. */
+static int find_locked(store *s, const char *handler, const char *key, const record **ret, crimage_error **err)
+{
+  const record_set *set = &s->recs;
+  for (size_t i = 0; i < set->n; i++) {
+    const record *r = set->v[i];
+    if (!streq(r->handler, handler))
+      continue;
+    if (streq(r->id, key) || strv_contains(r->repo_tags, key) || strv_contains(r->repo_digests, key)) {
+      *ret = r;
+      return 1;
+    }
+  }
+
+  /* An id without "sha256:", or a prefix of one (with or without it). */
+  const char *hex = str_has_prefix(key, "sha256:") ? key + 7 : key;
+  size_t len = strlen(hex);
+  if (len < ID_PREFIX_MIN || len > 64 || !all_hex(hex))
+    return 0;
+  const record *found = NULL;
+  for (size_t i = 0; i < set->n; i++) {
+    const record *r = set->v[i];
+    if (!streq(r->handler, handler) || !str_has_prefix(r->id, "sha256:") || strncmp(r->id + 7, hex, len) != 0)
+      continue;
+    if (found)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL,
+                               "image id prefix `%s` is ambiguous (matches %s and %s)", hex, found->id, r->id);
+    found = r;
+  }
+  if (!found)
+    return 0;
+  *ret = found;
+  return 1;
+}
+
+int store_find_image(store *s, const char *handler, const char *key, store_image **ret, crimage_error **err)
+{
+  if (!handler)
+    handler = "";
+  if (str_empty(key))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "empty image key");
+  if (strlen(key) > KEY_MAX_LEN)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "image key longer than %d bytes", KEY_MAX_LEN);
+  pthread_rwlock_rdlock(&s->lock);
+  const record *r = NULL;
+  int found = find_locked(s, handler, key, &r, err);
+  store_image *img = found > 0 ? record_to_image(r) : NULL;
+  pthread_rwlock_unlock(&s->lock);
+  if (found > 0)
+    *ret = img;
+  return found;
+}
+
+int store_list_images(store *s, const char *handler, store_image ***ret, size_t *ret_n, crimage_error **err)
+{
+  pthread_rwlock_rdlock(&s->lock);
+  store_image **list = xcalloc(s->recs.n + 1, sizeof(store_image *));
+  size_t n = 0;
+  for (size_t i = 0; i < s->recs.n; i++)
+    if (!handler || streq(s->recs.v[i]->handler, handler))
+      list[n++] = record_to_image(s->recs.v[i]);
+  pthread_rwlock_unlock(&s->lock);
+  *ret = list;
+  *ret_n = n;
+  return 0;
+}
+
+int store_remove_image(store *s, const char *handler, const char *id, crimage_error **err)
+{
+  if (!handler)
+    handler = "";
+  if (!digest_valid(id))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid image id `%.80s`", id ? id : "");
+
+  pthread_mutex_lock(&s->write_lock);
+  if (!record_set_find_id(&s->recs, handler, id)) {
+    pthread_mutex_unlock(&s->write_lock);
+    return 0;
+  }
+  cleanup_record_set record_set next = {0};
+  cleanup_strv char **garbage = NULL;
+  for (size_t i = 0; i < s->recs.n; i++) {
+    const record *r = s->recs.v[i];
+    if (streq(r->handler, handler) && streq(r->id, id))
+      garbage = record_blobs(r);
+    else
+      record_set_append(&next, record_copy(r));
+  }
+  int r = commit_records(s, &next, err);
+  /* The index no longer references the blobs: a crash from here on leaves garbage the next open sweeps. */
+  if (r == 0)
+    gc_or_defer(s, garbage);
+  pthread_mutex_unlock(&s->write_lock);
+  if (r < 0)
+    return crimage_error_wrap(err, "removing image %s", id);
+  return 0;
+}
+
+/* ---- usage ---- */
+
+/* Sums st_blocks * 512 (the space really allocated, as `du` reports) and counts inodes below dirfd. Files that
+ * vanish during the walk (a concurrent GC or commit) are skipped. */
+static void usage_walk(int dfd, unsigned depth, uint64_t *bytes, uint64_t *inodes)
+{
+  if (depth > 16) {
+    close(dfd);
+    return;
+  }
+  DIR *d = fdopendir(dfd);
+  if (!d) {
+    close(dfd);
+    return;
+  }
+  struct dirent *de;
+  while ((de = readdir(d))) {
+    if (streq(de->d_name, ".") || streq(de->d_name, ".."))
+      continue;
+    struct stat st;
+    if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+      continue;
+    *bytes += (uint64_t) st.st_blocks * 512;
+    *inodes += 1;
+    if (S_ISDIR(st.st_mode)) {
+      int sub = openat(dirfd(d), de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      if (sub >= 0)
+        usage_walk(sub, depth + 1, bytes, inodes);
+    }
+  }
+  closedir(d);
+}
+
+/* Undoes the octal escapes of /proc/self/mountinfo ("\040" for a space). */
+static void unescape_octal(char *s)
+{
+  char *w = s;
+  for (char *p = s; *p;) {
+    if (p[0] == '\\' && p[1] >= '0' && p[1] <= '7' && p[2] >= '0' && p[2] <= '7' && p[3] >= '0' && p[3] <= '7') {
+      *w++ = (char) (((p[1] - '0') << 6) | ((p[2] - '0') << 3) | (p[3] - '0'));
+      p += 4;
+    } else {
+      *w++ = *p++;
+    }
+  }
+  *w = '\0';
+}
+
+static bool path_under(const char *path, const char *mnt)
+{
+  if (streq(mnt, "/"))
+    return true;
+  size_t l = strlen(mnt);
+  return strncmp(path, mnt, l) == 0 && (path[l] == '/' || path[l] == '\0');
+}
+
+/* The mount point containing path: the longest mount point of /proc/self/mountinfo that is a prefix of it (field 5
+ * of each line); the last one wins among equals, as it is mounted on top. */
+static char *find_mountpoint(const char *path)
+{
+  cleanup_fclose FILE *f = fopen("/proc/self/mountinfo", "re");
+  char *best = NULL;
+  if (f) {
+    cleanup_free char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) > 0) {
+      char *save = NULL, *field = strtok_r(line, " ", &save);
+      for (int i = 1; field && i < 5; i++)
+        field = strtok_r(NULL, " ", &save);
+      if (!field)
+        continue;
+      unescape_octal(field);
+      if (path_under(path, field) && (!best || strlen(field) >= strlen(best))) {
+        free(best);
+        best = xstrdup(field);
+      }
+    }
+  }
+  return best ? best : xstrdup("/");
+}
+
+int store_get_usage(store *s, store_usage *ret, crimage_error **err)
+{
+  int fd = open(s->root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "open `%s`", s->root);
+  struct stat st;
+  if (fstat(fd, &st) < 0) {
+    int e = errno;
+    close(fd);
+    return crimage_error_set(err, CRIMAGE_INTERNAL, e, "stat `%s`", s->root);
+  }
+  uint64_t bytes = (uint64_t) st.st_blocks * 512, inodes = 1;
+  usage_walk(fd, 0, &bytes, &inodes);
+  ret->mountpoint = find_mountpoint(s->root);
+  ret->used_bytes = bytes;
+  ret->inodes_used = inodes;
+  ret->timestamp_ns = now_realtime_ns();
+  return 0;
+}
+
+void store_usage_clear(store_usage *u)
+{
+  if (!u)
+    return;
+  free(u->mountpoint);
+  u->mountpoint = NULL;
+}

@@ -95,6 +95,13 @@ int store_list_images(store *s, const char *handler, store_image ***ret, size_t 
  * Returns 0 also when absent (idempotent). */
 int store_remove_image(store *s, const char *handler, const char *id, crimage_error **err);
 
+/* A pull holds the store from before it checks which blobs are present until it has recorded the image (or
+ * failed). While any hold is active the blob deletions of store_remove_image (and of a re-record) are deferred to
+ * the release of the last hold, so a concurrent removal never deletes a shared layer a pull has just decided not to
+ * download. Holds nest and count; every store_hold needs one store_release. */
+void store_hold(store *s);
+void store_release(store *s);
+
 /* Usage of the store: bytes and inodes used under root, and the mount point that holds root. */
 typedef struct store_usage {
   char *mountpoint;
