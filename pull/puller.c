@@ -1,1 +1,611 @@
-/* placeholder */
+/* The pull engine: reference -> manifest (-> platform manifest) -> config and layers into the store -> image record.
+ * Blobs go through store ingests, which hash the bytes as they arrive and make a blob visible only once its digest
+ * matches; a partial ingest left by a broken transfer (or a restart) is resumed with a Range request. Layers are
+ * downloaded by a small pool of threads sharing one registry client, so connections are reused. */
+#include "pull/puller.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "common/digest.h"
+#include "common/dynbuf.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "pull/manifest.h"
+#include "pull/registry.h"
+
+#define PULL_BLOB_ATTEMPTS 3 /* tries per blob when the connection breaks; each resumes where the last stopped */
+#define PULL_MAX_CONCURRENT 16
+
+struct puller {
+  store *store;
+  registry_client *client;
+  registry_host *hosts; /* deep copy */
+  size_t n_hosts;
+  int max_concurrent;
+};
+
+static void hosts_free(registry_host *h, size_t n)
+{
+  for (size_t i = 0; i < n; i++) {
+    free(h[i].host);
+    for (size_t j = 0; j < h[i].n_mirrors; j++)
+      free(h[i].mirrors[j].endpoint);
+    free(h[i].mirrors);
+  }
+  free(h);
+}
+
+int puller_new(store *s, const puller_options *opts, puller **ret, crimage_error **err)
+{
+  static const puller_options defaults = {0};
+  if (!opts)
+    opts = &defaults;
+  registry_client_options ro = {
+      .certs_dir = opts->certs_dir,
+      .user_agent = opts->user_agent,
+      .progress_timeout_ms = opts->progress_timeout_ms,
+  };
+  registry_client *client = NULL;
+  int r = registry_client_new(&ro, &client, err);
+  if (r < 0)
+    return r;
+  puller *p = xcalloc(1, sizeof(*p));
+  p->store = s;
+  p->client = client;
+  p->max_concurrent = opts->max_concurrent_downloads > 0 ? opts->max_concurrent_downloads : 3;
+  if (p->max_concurrent > PULL_MAX_CONCURRENT)
+    p->max_concurrent = PULL_MAX_CONCURRENT;
+  if (opts->n_hosts > 0 && opts->hosts) {
+    p->hosts = xcalloc(opts->n_hosts, sizeof(*p->hosts));
+    for (size_t i = 0; i < opts->n_hosts; i++) {
+      const registry_host *src = &opts->hosts[i];
+      registry_host *dst = &p->hosts[i];
+      dst->host = xstrdup(src->host ? src->host : "");
+      dst->insecure = src->insecure;
+      if (src->n_mirrors > 0) {
+        dst->mirrors = xcalloc(src->n_mirrors, sizeof(*dst->mirrors));
+        for (size_t j = 0; j < src->n_mirrors; j++) {
+          dst->mirrors[j].endpoint = xstrdup(src->mirrors[j].endpoint ? src->mirrors[j].endpoint : "");
+          dst->mirrors[j].override_path = src->mirrors[j].override_path;
+        }
+        dst->n_mirrors = src->n_mirrors;
+      }
+    }
+    p->n_hosts = opts->n_hosts;
+  }
+  *ret = p;
+  return 0;
+}
+
+void puller_free(puller *p)
+{
+  if (!p)
+    return;
+  registry_client_free(p->client);
+  hosts_free(p->hosts, p->n_hosts);
+  free(p);
+}
+
+void pull_result_clear(pull_result *r)
+{
+  if (!r)
+    return;
+  free(r->image_id);
+  free(r->repo_digest);
+  free(r->manifest_digest);
+  memset(r, 0, sizeof(*r));
+}
+
+static const registry_host *find_host(const puller *p, const char *host)
+{
+  for (size_t i = 0; i < p->n_hosts; i++)
+    if (streq(p->hosts[i].host, host))
+      return &p->hosts[i];
+  return NULL;
+}
+
+/* The upstream endpoint of a registry host. Docker Hub's API lives on another name than its references use. */
+static char *upstream_endpoint(const puller *p, const char *domain)
+{
+  const registry_host *h = find_host(p, domain);
+  const char *api = streq(domain, "docker.io") ? "registry-1.docker.io" : domain;
+  return xasprintf("%s://%s", h && h->insecure ? "http" : "https", api);
+}
+
+/* A credential that names its registry (server_address) is only for that registry: "https://host/v1/", "host" and
+ * Docker Hub's historic "index.docker.io" forms all name a host[:port]. */
+static bool credential_applies(const credential *c, const char *domain)
+{
+  if (!c || str_empty(c->server_address))
+    return true;
+  const char *s = c->server_address;
+  if (str_has_prefix(s, "https://"))
+    s += 8;
+  else if (str_has_prefix(s, "http://"))
+    s += 7;
+  size_t n = strcspn(s, "/");
+  cleanup_free char *host = xstrndup(s, n);
+  if (streq(host, "index.docker.io") || streq(host, "registry-1.docker.io"))
+    return streq(domain, "docker.io");
+  return strcasecmp(host, domain) == 0;
+}
+
+/* ---- digests ---- */
+
+static int verify_digest(const char *expected, const char *data, size_t len, const char *host, const char *what,
+                         crimage_error **err)
+{
+  const char *colon = strchr(expected, ':');
+  cleanup_free char *alg = xstrndup(expected, colon ? (size_t) (colon - expected) : 0);
+  cleanup_digester digester *d = digester_new(alg);
+  if (!d)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unsupported digest algorithm in %s", expected);
+  digester_update(d, data, len);
+  char got[DIGEST_MAX_LEN + 1];
+  digester_final(d, got);
+  if (!streq(got, expected))
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, 0, "registry %s: %s: digest mismatch: got %s, want %s", host,
+                             what, got, expected);
+  return 0;
+}
+
+/* ---- blob downloads ---- */
+
+typedef struct pull_job pull_job;
+
+typedef struct blob_task {
+  const manifest_descriptor *desc;
+  pull_job *job;
+  store_ingest *ingest;
+  uint64_t base; /* ingest offset when the current request started */
+} blob_task;
+
+struct pull_job {
+  puller *p;
+  const pull_request *req;
+  registry_repo *repo;
+  const manifest_descriptor **blobs; /* config first, then layers */
+  size_t n_blobs;
+
+  pthread_mutex_t lock;
+  size_t next;     /* next blob to take */
+  bool failed;     /* stop taking new blobs */
+  crimage_error *first_err;
+  int first_ret;
+};
+
+static bool job_cancelled(void *userdata)
+{
+  blob_task *t = userdata;
+  pull_job *j = t->job;
+  pthread_mutex_lock(&j->lock);
+  bool failed = j->failed;
+  pthread_mutex_unlock(&j->lock);
+  /* A failure elsewhere stops the other transfers early: the pull fails anyway. */
+  if (failed)
+    return true;
+  return j->req->cancelled && j->req->cancelled(j->req->userdata);
+}
+
+static void emit(const pull_request *req, pull_event_kind kind, const char *digest, uint64_t done, uint64_t total)
+{
+  if (!req->progress)
+    return;
+  pull_event ev = {.kind = kind, .digest = digest, .done = done, .total = total};
+  req->progress(req->userdata, &ev);
+}
+
+static void task_progress(void *userdata, uint64_t received)
+{
+  blob_task *t = userdata;
+  emit(t->job->req, PULL_EVENT_BLOB_PROGRESS, t->desc->digest, t->base + received, (uint64_t) t->desc->size);
+}
+
+static int sink_write(void *userdata, const void *data, size_t len, crimage_error **err)
+{
+  blob_task *t = userdata;
+  return store_ingest_write(t->ingest, data, len, err);
+}
+
+static int sink_restart(void *userdata, crimage_error **err)
+{
+  blob_task *t = userdata;
+  t->base = 0;
+  return store_ingest_truncate(t->ingest, err);
+}
+
+static int download_blob(pull_job *j, const manifest_descriptor *desc, crimage_error **err)
+{
+  store *s = j->p->store;
+  uint64_t have = 0;
+  if (store_blob_exists(s, desc->digest, &have)) {
+    emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, have, have);
+    return 0;
+  }
+  emit(j->req, PULL_EVENT_BLOB_START, desc->digest, 0, (uint64_t) desc->size);
+
+  blob_task t = {.desc = desc, .job = j};
+  int r = store_ingest_begin(s, desc->digest, desc->size, &t.ingest, err);
+  if (r == -EEXIST) {
+    /* Another writer finished it while we waited for its lock. */
+    crimage_error_clear(err);
+    emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, (uint64_t) desc->size, (uint64_t) desc->size);
+    return 0;
+  }
+  if (r < 0)
+    return r;
+
+  registry_sink sink = {.write = sink_write, .restart = sink_restart, .userdata = &t};
+  registry_xfer x = {.cancelled = job_cancelled, .progress = task_progress, .userdata = &t};
+  for (int attempt = 1;; attempt++) {
+    t.base = store_ingest_offset(t.ingest);
+    if (t.base >= (uint64_t) desc->size)
+      break; /* everything is there (a resumed ingest): commit verifies it */
+    if (t.base > 0)
+      log_debug("resuming %s at %" PRIu64 " of %" PRId64, desc->digest, t.base, desc->size);
+    cleanup_error crimage_error *e = NULL;
+    r = registry_get_blob(j->repo, desc->digest, t.base, desc->size, &sink, &x, &e);
+    if (r == 0)
+      break;
+    /* A broken connection is worth another try from where it stopped; anything else is final. */
+    bool retry = e && e->status == CRIMAGE_UNAVAILABLE && attempt < PULL_BLOB_ATTEMPTS && !job_cancelled(&t);
+    if (!retry) {
+      /* Keep what arrived: a later pull resumes from it. */
+      store_ingest_abort(t.ingest, true);
+      if (err && !*err)
+        *err = TAKE_PTR(e);
+      return r;
+    }
+    log_info("registry %s: blob %s: %s; retrying", registry_repo_host(j->repo), desc->digest, e->message);
+  }
+  r = store_ingest_commit(t.ingest, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "registry %s: blob %s", registry_repo_host(j->repo), desc->digest);
+  emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, (uint64_t) desc->size, (uint64_t) desc->size);
+  return 0;
+}
+
+static void *worker(void *arg)
+{
+  pull_job *j = arg;
+  for (;;) {
+    pthread_mutex_lock(&j->lock);
+    if (j->failed || j->next >= j->n_blobs) {
+      pthread_mutex_unlock(&j->lock);
+      return NULL;
+    }
+    const manifest_descriptor *d = j->blobs[j->next++];
+    pthread_mutex_unlock(&j->lock);
+
+    crimage_error *e = NULL;
+    int r = download_blob(j, d, &e);
+    if (r < 0) {
+      pthread_mutex_lock(&j->lock);
+      /* The first real error wins over the CANCELLED it causes in the other transfers. */
+      if (!j->failed) {
+        j->failed = true;
+        j->first_err = e;
+        j->first_ret = r;
+        e = NULL;
+      }
+      pthread_mutex_unlock(&j->lock);
+      crimage_error_clear(&e);
+    }
+  }
+}
+
+static int download_all(pull_job *j, crimage_error **err)
+{
+  size_t n_threads = (size_t) j->p->max_concurrent;
+  if (n_threads > j->n_blobs)
+    n_threads = j->n_blobs;
+  pthread_t threads[PULL_MAX_CONCURRENT];
+  size_t started = 0;
+  /* The calling thread works too, so one download needs no extra thread. */
+  for (size_t i = 1; i < n_threads; i++) {
+    if (pthread_create(&threads[started], NULL, worker, j) != 0)
+      break; /* fewer threads is still correct */
+    started++;
+  }
+  worker(j);
+  for (size_t i = 0; i < started; i++)
+    pthread_join(threads[i], NULL);
+  if (j->failed) {
+    if (err && !*err)
+      *err = TAKE_PTR(j->first_err);
+    else
+      crimage_error_clear(&j->first_err);
+    return j->first_ret;
+  }
+  return 0;
+}
+
+/* ---- the pull ---- */
+
+typedef struct pull_state {
+  registry_repo *repo;
+  char *index_body; /* the body the reference resolved to */
+  char *body;       /* the platform manifest */
+  size_t body_len;
+  manifest *m;
+} pull_state;
+
+static void pull_state_clear(pull_state *st)
+{
+  registry_repo_free(st->repo);
+  free(st->index_body);
+  free(st->body);
+  manifest_free(st->m);
+}
+
+static bool req_cancelled(void *userdata)
+{
+  const pull_request *req = userdata;
+  return req->cancelled && req->cancelled(req->userdata);
+}
+
+static int fetch_manifest(registry_repo *repo, const pull_request *req, const char *reference,
+                          const char *expected_digest, char **ret_body, size_t *ret_len, char **ret_digest,
+                          manifest **ret_m, crimage_error **err)
+{
+  registry_xfer x = {.cancelled = req_cancelled, .userdata = (void *) req};
+  cleanup_free char *body = NULL, *ct = NULL;
+  size_t len = 0;
+  int r = registry_get_manifest(repo, reference, MANIFEST_MAX_SIZE, &x, &body, &len, &ct, err);
+  if (r < 0)
+    return r;
+  char digest[DIGEST_MAX_LEN + 1];
+  if (expected_digest) {
+    cleanup_free char *what = xasprintf("manifest %s", reference);
+    r = verify_digest(expected_digest, body, len, registry_repo_host(repo), what, err);
+    if (r < 0)
+      return r;
+    snprintf(digest, sizeof(digest), "%s", expected_digest);
+  } else {
+    digest_sha256(body, len, digest);
+  }
+  manifest *m = NULL;
+  r = manifest_parse(body, len, ct, &m, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "registry %s: manifest %s", registry_repo_host(repo), reference);
+  *ret_m = m;
+  *ret_len = len;
+  *ret_body = TAKE_PTR(body);
+  *ret_digest = xstrdup(digest);
+  return 0;
+}
+
+/* True when the image is already recorded for this handler with the same manifest and all its blobs. */
+static bool already_stored(puller *p, const char *handler, const char *config_digest, const char *manifest_digest)
+{
+  cleanup_store_image store_image *img = NULL;
+  cleanup_error crimage_error *e = NULL;
+  if (store_find_image(p->store, handler, config_digest, &img, &e) <= 0)
+    return false;
+  if (!streq_ptr(img->manifest_digest, manifest_digest))
+    return false;
+  if (!store_blob_exists(p->store, manifest_digest, NULL) || !store_blob_exists(p->store, config_digest, NULL))
+    return false;
+  for (char **l = img->layers; l && *l; l++)
+    if (!store_blob_exists(p->store, *l, NULL))
+      return false;
+  return true;
+}
+
+/* Where one attempt of a pull goes: a mirror or the upstream registry. */
+typedef struct pull_endpoint {
+  char *url;          /* "https://host[:port][/prefix]" */
+  bool override_path; /* url already holds the API path */
+  char *host;         /* host[:port] of url: messages and certs.d */
+  const credential *cred;
+  bool mirror;
+} pull_endpoint;
+
+/* host[:port] of an endpoint URL. */
+static char *endpoint_host(const char *url)
+{
+  const char *s = strstr(url, "://");
+  s = s ? s + 3 : url;
+  return xstrndup(s, strcspn(s, "/"));
+}
+
+static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, pull_state *st, pull_result *res,
+                   crimage_error **err)
+{
+  const image_ref *ref = req->ref;
+  const char *handler = req->handler ? req->handler : "";
+  int r = registry_repo_new(p->client, ep->url, ep->override_path, ep->host, ref->path, ep->cred, &st->repo, err);
+  if (r < 0)
+    return r;
+
+  /* Resolve the tag (or digest) to a manifest or index. */
+  const char *reference = ref->digest ? ref->digest : ref->tag;
+  if (!reference)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "reference has neither a tag nor a digest");
+  cleanup_free char *repo_digest = NULL;
+  manifest *top = NULL;
+  size_t top_len = 0;
+  r = fetch_manifest(st->repo, req, reference, ref->digest, &st->index_body, &top_len, &repo_digest, &top, err);
+  if (r < 0)
+    return r;
+
+  cleanup_free char *manifest_digest = NULL;
+  if (top->kind == MANIFEST_KIND_INDEX) {
+    platform want;
+    if (req->platform)
+      want = *req->platform;
+    else
+      platform_host(&want);
+    platform_normalize(&want);
+    const manifest_descriptor *d = NULL;
+    r = manifest_select_platform(top, &want, &d, err);
+    if (r < 0) {
+      manifest_free(top);
+      return crimage_error_wrap(err, "registry %s: %s", ep->host, reference);
+    }
+    cleanup_free char *want_digest = xstrdup(d->digest);
+    int64_t want_size = d->size;
+    manifest_free(top);
+    r = fetch_manifest(st->repo, req, want_digest, want_digest, &st->body, &st->body_len, &manifest_digest, &st->m,
+                       err);
+    if (r < 0)
+      return r;
+    if ((int64_t) st->body_len != want_size)
+      return crimage_error_set(err, CRIMAGE_DATA_LOSS, 0,
+                               "registry %s: manifest %s is %zu bytes, the index says %" PRId64, ep->host,
+                               want_digest, st->body_len, want_size);
+    if (st->m->kind != MANIFEST_KIND_IMAGE)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                               "registry %s: index entry %s is not an image manifest", ep->host, want_digest);
+  } else {
+    st->m = top;
+    st->body = TAKE_PTR(st->index_body);
+    st->body_len = top_len;
+    manifest_digest = xstrdup(repo_digest);
+  }
+  manifest *m = st->m;
+
+  uint64_t total = st->body_len + (uint64_t) m->config.size;
+  for (size_t i = 0; i < m->n_layers; i++)
+    total += (uint64_t) m->layers[i].size;
+  emit(req, PULL_EVENT_RESOLVED, NULL, 0, total);
+
+  cleanup_free char *name = reference_name(ref);
+  bool unchanged = already_stored(p, handler, m->config.digest, manifest_digest);
+  cleanup_free char *user = NULL;
+  if (!unchanged) {
+    r = store_blob_put(p->store, manifest_digest, st->body, st->body_len, err);
+    if (r < 0)
+      return r;
+    pull_job j = {.p = p, .req = req, .repo = st->repo};
+    j.n_blobs = 1 + m->n_layers;
+    j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));
+    j.blobs[0] = &m->config;
+    for (size_t i = 0; i < m->n_layers; i++)
+      j.blobs[1 + i] = &m->layers[i];
+    pthread_mutex_init(&j.lock, NULL);
+    r = download_all(&j, err);
+    pthread_mutex_destroy(&j.lock);
+    free(j.blobs);
+    if (r < 0)
+      return r;
+  }
+
+  /* Config.User is recorded with the image (kubelet checks runAsNonRoot against it). */
+  {
+    cleanup_free char *cfg = NULL;
+    size_t cfg_len = 0;
+    r = store_blob_read(p->store, m->config.digest, IMAGE_CONFIG_MAX_SIZE, &cfg, &cfg_len, err);
+    if (r < 0)
+      return r;
+    r = image_config_user(cfg, cfg_len, &user, err);
+    if (r < 0)
+      return crimage_error_wrap(err, "image %s", m->config.digest);
+  }
+
+  const char **layers = xcalloc(m->n_layers + 1, sizeof(*layers));
+  for (size_t i = 0; i < m->n_layers; i++)
+    layers[i] = m->layers[i].digest;
+  store_record rec = {
+      .handler = handler,
+      .name = name,
+      .tag = ref->tag,
+      .repo_digest = repo_digest,
+      .manifest_digest = manifest_digest,
+      .manifest_media_type = m->media_type,
+      .manifest_size = st->body_len,
+      .config_digest = m->config.digest,
+      .layers = layers,
+      .size = total,
+      .user = user,
+  };
+  r = store_record_image(p->store, &rec, err);
+  free(layers);
+  if (r < 0)
+    return r;
+
+  res->image_id = xstrdup(m->config.digest);
+  res->repo_digest = TAKE_PTR(repo_digest);
+  res->manifest_digest = TAKE_PTR(manifest_digest);
+  res->unchanged = unchanged;
+  return 0;
+}
+
+int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_error **err)
+{
+  if (!req || !req->ref || !ret)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "missing pull request");
+  const image_ref *ref = req->ref;
+  cleanup_free char *refstr = reference_string(ref);
+
+  /* Mirrors first, in order, then the upstream. A credential goes to a mirror only when it names that mirror. */
+  const registry_host *h = find_host(p, ref->domain);
+  size_t n_mirrors = h ? h->n_mirrors : 0;
+  pull_endpoint *eps = xcalloc(n_mirrors + 1, sizeof(*eps));
+  size_t n = 0;
+  for (size_t i = 0; i < n_mirrors; i++) {
+    const registry_mirror *m = &h->mirrors[i];
+    if (!str_has_prefix(m->endpoint, "https://") && !str_has_prefix(m->endpoint, "http://"))
+      continue;
+    eps[n].url = xstrdup(m->endpoint);
+    eps[n].override_path = m->override_path;
+    eps[n].host = endpoint_host(m->endpoint);
+    eps[n].cred = (req->cred && !str_empty(req->cred->server_address) && credential_applies(req->cred, eps[n].host))
+                      ? req->cred
+                      : NULL;
+    eps[n].mirror = true;
+    n++;
+  }
+  eps[n].url = upstream_endpoint(p, ref->domain);
+  eps[n].host = xstrdup(ref->domain);
+  eps[n].cred = credential_applies(req->cred, ref->domain) ? req->cred : NULL;
+  if (req->cred && !eps[n].cred)
+    log_debug("credential from %s is for %s, not %s: pulling anonymously",
+              req->cred->source ? req->cred->source : "request", req->cred->server_address, ref->domain);
+  n++;
+
+  cleanup_dynbuf dynbuf tried;
+  dynbuf_init(&tried, 4096);
+  int r = 0;
+  pull_result res = {0};
+  for (size_t i = 0; i < n; i++) {
+    pull_state st = {0};
+    crimage_error *e = NULL;
+    r = do_pull(p, req, &eps[i], &st, &res, &e);
+    pull_state_clear(&st);
+    if (r == 0)
+      break;
+    pull_result_clear(&res);
+    /* A failing mirror (down, stalled, missing the image) falls through to the next one and finally to the
+     * upstream; a cancelled pull stops. Partial blobs stay in the ingest area and are resumed from there. */
+    if (i + 1 < n && e->status != CRIMAGE_CANCELLED) {
+      log_info("pulling %s: mirror %s failed: %s", refstr, eps[i].url, e->message);
+      (void) dynbuf_printf(&tried, "%smirror %s: %s", tried.len ? "; " : "", eps[i].url,
+                           crimage_status_name(e->status));
+      crimage_error_clear(&e);
+      continue;
+    }
+    if (err && !*err)
+      *err = e;
+    else
+      crimage_error_clear(&e);
+    break;
+  }
+  for (size_t i = 0; i < n; i++) {
+    free(eps[i].url);
+    free(eps[i].host);
+  }
+  free(eps);
+  if (r < 0) {
+    if (tried.len)
+      crimage_error_wrap(err, "pulling %s (after %s)", refstr ? refstr : "image", tried.data);
+    else
+      crimage_error_wrap(err, "pulling %s", refstr ? refstr : "image");
+    return r;
+  }
+  *ret = res;
+  return 0;
+}

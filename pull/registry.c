@@ -1,1 +1,958 @@
-/* placeholder */
+/* Registry HTTP client. Every transfer is a curl easy handle attached to the client's share handle, so TCP/TLS
+ * connections, DNS answers and TLS sessions are reused across requests and threads. Authentication is curl's own
+ * (CURLAUTH_BASIC / CURLAUTH_BEARER) rather than a hand-made header: curl then refuses to send it to another host
+ * when a redirect leads to blob storage (CURLOPT_UNRESTRICTED_AUTH stays off). */
+#include "pull/registry.h"
+
+#include <ctype.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "common/digest.h"
+#include "common/dynbuf.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "pull/manifest.h"
+
+struct registry_client {
+  CURLSH *share;
+  pthread_mutex_t locks[CURL_LOCK_DATA_LAST];
+  char *certs_dir;
+  char *user_agent;
+  long low_speed_time_s;
+  long connect_timeout_ms;
+};
+
+typedef enum auth_kind {
+  AUTH_NONE,
+  AUTH_BASIC,
+  AUTH_BEARER,
+} auth_kind;
+
+struct registry_repo {
+  registry_client *client;
+  char *base;  /* ".../v2" */
+  char *host;  /* for messages and certs.d */
+  char *name;  /* repository path */
+  credential *cred; /* NULL = anonymous */
+
+  pthread_mutex_t lock; /* guards the auth state below */
+  auth_kind auth;
+  char *token;              /* bearer token (secret) */
+  int64_t token_expiry_ms;  /* monotonic; 0 = none known */
+  unsigned auth_generation; /* bumped each time the auth state changes */
+};
+
+/* ---- client ---- */
+
+static void share_lock(CURL *h, curl_lock_data data, curl_lock_access access, void *userdata)
+{
+  registry_client *c = userdata;
+  if ((int) data >= 0 && data < CURL_LOCK_DATA_LAST)
+    pthread_mutex_lock(&c->locks[data]);
+}
+
+static void share_unlock(CURL *h, curl_lock_data data, void *userdata)
+{
+  registry_client *c = userdata;
+  if ((int) data >= 0 && data < CURL_LOCK_DATA_LAST)
+    pthread_mutex_unlock(&c->locks[data]);
+}
+
+static void curl_init_once(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
+
+int registry_client_new(const registry_client_options *opts, registry_client **ret, crimage_error **err)
+{
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  static const registry_client_options defaults = {0};
+  if (!opts)
+    opts = &defaults;
+  /* curl_global_init is not thread-safe; doing it once here keeps it out of the transfer threads. */
+  pthread_once(&once, curl_init_once);
+
+  registry_client *c = xcalloc(1, sizeof(*c));
+  for (size_t i = 0; i < ARRAY_SIZE(c->locks); i++)
+    pthread_mutex_init(&c->locks[i], NULL);
+  c->share = curl_share_init();
+  if (!c->share) {
+    registry_client_free(c);
+    return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "curl_share_init failed");
+  }
+  curl_share_setopt(c->share, CURLSHOPT_LOCKFUNC, share_lock);
+  curl_share_setopt(c->share, CURLSHOPT_UNLOCKFUNC, share_unlock);
+  curl_share_setopt(c->share, CURLSHOPT_USERDATA, c);
+  curl_share_setopt(c->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS);
+  curl_share_setopt(c->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION);
+  curl_share_setopt(c->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_CONNECT);
+
+  c->certs_dir = opts->certs_dir ? xstrdup(opts->certs_dir) : NULL;
+  c->user_agent = xstrdup(opts->user_agent ? opts->user_agent : "crimage/" CRIMAGE_VERSION);
+  int64_t pt = opts->progress_timeout_ms > 0 ? opts->progress_timeout_ms : 5 * 60 * 1000;
+  c->low_speed_time_s = (long) ((pt + 999) / 1000);
+  c->connect_timeout_ms = opts->connect_timeout_ms > 0 ? (long) opts->connect_timeout_ms : 30000;
+  *ret = c;
+  return 0;
+}
+
+void registry_client_free(registry_client *c)
+{
+  if (!c)
+    return;
+  if (c->share)
+    curl_share_cleanup(c->share);
+  for (size_t i = 0; i < ARRAY_SIZE(c->locks); i++)
+    pthread_mutex_destroy(&c->locks[i]);
+  free(c->certs_dir);
+  free(c->user_agent);
+  free(c);
+}
+
+/* ---- repo ---- */
+
+int registry_repo_new(registry_client *c, const char *endpoint, bool override_path, const char *host,
+                      const char *name, const credential *cred, registry_repo **ret, crimage_error **err)
+{
+  if (!str_has_prefix(endpoint, "https://") && !str_has_prefix(endpoint, "http://"))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "registry endpoint %s is not http(s)", endpoint);
+  if (str_empty(name) || strlen(name) > 255)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid repository name");
+  registry_repo *r = xcalloc(1, sizeof(*r));
+  r->client = c;
+  size_t n = strlen(endpoint);
+  while (n > 0 && endpoint[n - 1] == '/')
+    n--;
+  r->base = xasprintf("%.*s%s", (int) n, endpoint, override_path ? "" : "/v2");
+  r->host = xstrdup(host);
+  r->name = xstrdup(name);
+  pthread_mutex_init(&r->lock, NULL);
+  if (cred && !credential_is_empty(cred)) {
+    r->cred = credential_dup(cred);
+    if (!str_empty(cred->registry_token)) {
+      /* A registry token is a bearer token to send as is. */
+      r->auth = AUTH_BEARER;
+      r->token = xstrdup(cred->registry_token);
+    }
+  }
+  *ret = r;
+  return 0;
+}
+
+void registry_repo_free(registry_repo *r)
+{
+  if (!r)
+    return;
+  free(r->base);
+  free(r->host);
+  free(r->name);
+  credential_free(r->cred);
+  secret_free(r->token);
+  pthread_mutex_destroy(&r->lock);
+  free(r);
+}
+
+const char *registry_repo_host(const registry_repo *r) { return r->host; }
+
+/* ---- WWW-Authenticate (RFC 7235) ---- */
+
+static bool is_tchar(char ch)
+{
+  return isalnum((unsigned char) ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+static bool is_token68_char(char ch)
+{
+  return isalnum((unsigned char) ch) || (ch && strchr("-._~+/", ch));
+}
+
+static const char *skip_ows(const char *p)
+{
+  while (*p == ' ' || *p == '\t')
+    p++;
+  return p;
+}
+
+static char *lowercase_dup(const char *s, size_t n)
+{
+  char *d = xstrndup(s, n);
+  for (char *q = d; *q; q++)
+    *q = (char) tolower((unsigned char) *q);
+  return d;
+}
+
+/* At p (after optional whitespace): does an auth-param ("name" BWS "=" BWS value) start here? */
+static bool param_starts(const char *p)
+{
+  const char *q = p;
+  while (is_tchar(*q))
+    q++;
+  if (q == p)
+    return false;
+  q = skip_ows(q);
+  if (*q != '=')
+    return false;
+  q = skip_ows(q + 1);
+  return *q == '"' || is_tchar(*q);
+}
+
+static int parse_quoted(const char **pp, char **ret, crimage_error **err)
+{
+  const char *p = *pp + 1; /* past the opening quote */
+  cleanup_dynbuf dynbuf b;
+  dynbuf_init(&b, 8192);
+  for (;;) {
+    char ch = *p;
+    if (ch == 0)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: unterminated quoted string");
+    if (ch == '"')
+      break;
+    if (ch == '\\') {
+      p++;
+      ch = *p;
+      if (ch == 0)
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: bad escape");
+    }
+    if (dynbuf_append(&b, &ch, 1) < 0)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: value too long");
+    p++;
+  }
+  *pp = p + 1;
+  *ret = b.data ? dynbuf_take(&b, NULL) : xstrdup("");
+  return 0;
+}
+
+void auth_challenges_clear(auth_challenge *challenges, size_t n)
+{
+  for (size_t i = 0; i < n; i++) {
+    auth_challenge *c = &challenges[i];
+    free(c->scheme);
+    free(c->token68);
+    for (size_t j = 0; j < c->n_params; j++) {
+      free(c->params[j].name);
+      free(c->params[j].value);
+    }
+    memset(c, 0, sizeof(*c));
+  }
+}
+
+int auth_challenges_parse(const char *header, auth_challenge *challenges, size_t *n_challenges, crimage_error **err)
+{
+  const char *p = header;
+  for (;;) {
+    /* Empty list elements are allowed (RFC 7230 §7). */
+    while (*p == ' ' || *p == '\t' || *p == ',')
+      p++;
+    if (*p == 0)
+      return 0;
+    const char *s = p;
+    while (is_tchar(*p))
+      p++;
+    if (p == s)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: expected an auth scheme");
+    if (*n_challenges >= REGISTRY_MAX_CHALLENGES)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: too many challenges");
+    auth_challenge *c = &challenges[(*n_challenges)++];
+    memset(c, 0, sizeof(*c));
+    c->scheme = lowercase_dup(s, (size_t) (p - s));
+    if (*p != ' ' && *p != '\t' && *p != ',' && *p != 0)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: bad character after scheme");
+    p = skip_ows(p);
+
+    if (*p && *p != ',' && !param_starts(p)) {
+      /* token68 */
+      s = p;
+      while (is_token68_char(*p))
+        p++;
+      while (*p == '=')
+        p++;
+      if (p == s)
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: bad token68");
+      c->token68 = xstrndup(s, (size_t) (p - s));
+      p = skip_ows(p);
+      if (*p != 0 && *p != ',')
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: junk after token68");
+      continue;
+    }
+
+    /* #auth-param: params are separated by commas; a comma followed by something that is not a param starts the
+     * next challenge. */
+    while (param_starts(p)) {
+      s = p;
+      while (is_tchar(*p))
+        p++;
+      if (c->n_params >= REGISTRY_MAX_CHALLENGE_PARAMS)
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: too many parameters");
+      auth_param *ap = &c->params[c->n_params++];
+      ap->name = lowercase_dup(s, (size_t) (p - s));
+      p = skip_ows(p);
+      p = skip_ows(p + 1); /* '=' */
+      if (*p == '"') {
+        int r = parse_quoted(&p, &ap->value, err);
+        if (r < 0)
+          return r;
+      } else {
+        s = p;
+        while (is_tchar(*p))
+          p++;
+        ap->value = xstrndup(s, (size_t) (p - s));
+      }
+      p = skip_ows(p);
+      if (*p == 0)
+        return 0;
+      if (*p != ',')
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "WWW-Authenticate: expected ',' after %s",
+                                 ap->name);
+      while (*p == ',' || *p == ' ' || *p == '\t')
+        p++;
+    }
+  }
+}
+
+const char *auth_challenge_param(const auth_challenge *c, const char *name)
+{
+  for (size_t i = 0; i < c->n_params; i++)
+    if (strcasecmp(c->params[i].name, name) == 0)
+      return c->params[i].value;
+  return NULL;
+}
+
+/* ---- errors ---- */
+
+int registry_status_from_code(const char *code, long http_status)
+{
+  static const struct {
+    const char *code;
+    crimage_status status;
+  } map[] = {
+      {"MANIFEST_UNKNOWN", CRIMAGE_NOT_FOUND},
+      {"BLOB_UNKNOWN", CRIMAGE_NOT_FOUND},
+      {"NAME_UNKNOWN", CRIMAGE_NOT_FOUND},
+      {"UNAUTHORIZED", CRIMAGE_UNAUTHENTICATED},
+      {"DENIED", CRIMAGE_PERMISSION_DENIED},
+      {"TOOMANYREQUESTS", CRIMAGE_RESOURCE_EXHAUSTED},
+      {"NAME_INVALID", CRIMAGE_INVALID_ARGUMENT},
+      {"TAG_INVALID", CRIMAGE_INVALID_ARGUMENT},
+      {"DIGEST_INVALID", CRIMAGE_INVALID_ARGUMENT},
+      {"MANIFEST_INVALID", CRIMAGE_INVALID_ARGUMENT},
+      {"UNSUPPORTED", CRIMAGE_UNIMPLEMENTED},
+  };
+  if (code)
+    for (size_t i = 0; i < ARRAY_SIZE(map); i++)
+      if (streq(code, map[i].code))
+        return map[i].status;
+  switch (http_status) {
+  case 400:
+    return CRIMAGE_INVALID_ARGUMENT;
+  case 401:
+    return CRIMAGE_UNAUTHENTICATED;
+  case 403:
+    return CRIMAGE_PERMISSION_DENIED;
+  case 404:
+    return CRIMAGE_NOT_FOUND;
+  case 429:
+    return CRIMAGE_RESOURCE_EXHAUSTED;
+  default:
+    return http_status >= 500 ? CRIMAGE_UNAVAILABLE : CRIMAGE_UNKNOWN;
+  }
+}
+
+/* Copies text a registry sent into a message: printable ASCII only, bounded. */
+static void sanitize(const char *in, char *out, size_t size)
+{
+  size_t j = 0;
+  for (size_t i = 0; in && in[i] && j + 1 < size; i++)
+    out[j++] = (in[i] >= 0x20 && in[i] < 0x7f) ? in[i] : '?';
+  out[j] = 0;
+}
+
+/* ---- one HTTP transfer ---- */
+
+typedef struct xfer_ctx {
+  CURL *h;
+  const registry_xfer *x;
+  /* body destinations: a bounded buffer or a sink */
+  dynbuf *body;
+  const registry_sink *sink;
+  uint64_t offset; /* resume offset asked for */
+  int64_t limit;   /* max bytes of a 2xx body, < 0 none */
+  int64_t total;   /* the blob's size, < 0 unknown: the limit when a server restarts from 0 */
+  uint64_t received;
+  bool body_started;
+  bool too_big;
+  bool header_too_big;
+  bool bad_range; /* a 206 that does not start at the offset asked for */
+  bool cancelled;
+  int sink_r;
+  crimage_error *sink_err;
+  dynbuf errbody; /* body of a non-2xx response */
+  dynbuf headers; /* header lines of the latest response */
+  char errbuf[CURL_ERROR_SIZE];
+} xfer_ctx;
+
+static size_t header_cb(char *data, size_t size, size_t n, void *userdata)
+{
+  xfer_ctx *ctx = userdata;
+  size_t len = size * n;
+  /* A new response (after a redirect or a 401 with a 100-continue before it) starts a new header block. */
+  if (len >= 5 && memcmp(data, "HTTP/", 5) == 0)
+    dynbuf_reset(&ctx->headers);
+  if (dynbuf_append(&ctx->headers, data, len) < 0) {
+    ctx->header_too_big = true;
+    return 0;
+  }
+  return len;
+}
+
+static long current_status(xfer_ctx *ctx)
+{
+  long status = 0;
+  curl_easy_getinfo(ctx->h, CURLINFO_RESPONSE_CODE, &status);
+  return status;
+}
+
+static char *header_get(const xfer_ctx *ctx, const char *name);
+
+/* A 206 must continue exactly where we asked ("Content-Range: bytes <offset>-<last>/<size>"). */
+static bool range_matches(const xfer_ctx *ctx)
+{
+  cleanup_free char *cr = header_get(ctx, "Content-Range");
+  unsigned long long start;
+  char unit[8];
+  if (!cr || sscanf(cr, "%7s %llu-", unit, &start) != 2 || strcasecmp(unit, "bytes") != 0)
+    return false;
+  return start == ctx->offset;
+}
+
+static size_t write_cb(char *data, size_t size, size_t n, void *userdata)
+{
+  xfer_ctx *ctx = userdata;
+  size_t len = size * n;
+  long status = current_status(ctx);
+  if (status < 200 || status >= 300) {
+    /* Error bodies are only read for their error code; keep the start and drop the rest. */
+    size_t room = ctx->errbody.max > ctx->errbody.len ? ctx->errbody.max - ctx->errbody.len : 0;
+    if (room)
+      (void) dynbuf_append(&ctx->errbody, data, len < room ? len : room);
+    return len;
+  }
+  if (!ctx->body_started) {
+    ctx->body_started = true;
+    if (ctx->offset > 0 && status != 206 && ctx->sink && ctx->sink->restart) {
+      /* The server ignored the Range request and sends the whole blob. */
+      ctx->sink_r = ctx->sink->restart(ctx->sink->userdata, &ctx->sink_err);
+      if (ctx->sink_r < 0)
+        return 0;
+      ctx->offset = 0;
+      ctx->limit = ctx->total;
+    } else if (ctx->offset > 0 && status == 206 && !range_matches(ctx)) {
+      ctx->bad_range = true;
+      return 0;
+    }
+  }
+  if (ctx->limit >= 0 && ctx->received + len > (uint64_t) ctx->limit) {
+    ctx->too_big = true;
+    return 0;
+  }
+  if (ctx->sink) {
+    ctx->sink_r = ctx->sink->write(ctx->sink->userdata, data, len, &ctx->sink_err);
+    if (ctx->sink_r < 0)
+      return 0;
+  } else if (dynbuf_append(ctx->body, data, len) < 0) {
+    ctx->too_big = true;
+    return 0;
+  }
+  ctx->received += len;
+  if (ctx->x && ctx->x->progress)
+    ctx->x->progress(ctx->x->userdata, ctx->received);
+  return len;
+}
+
+static int xferinfo_cb(void *userdata, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+  xfer_ctx *ctx = userdata;
+  if (ctx->x && ctx->x->cancelled && ctx->x->cancelled(ctx->x->userdata)) {
+    ctx->cancelled = true;
+    return 1;
+  }
+  return 0;
+}
+
+/* Every value of header `name` in the latest response, joined with ", " (the list form of RFC 7230 §3.2.2). */
+static char *header_get(const xfer_ctx *ctx, const char *name)
+{
+  if (!ctx->headers.data)
+    return NULL;
+  size_t nl = strlen(name);
+  cleanup_dynbuf dynbuf out;
+  dynbuf_init(&out, REGISTRY_MAX_HEADER_BYTES);
+  bool found = false;
+  const char *p = ctx->headers.data;
+  while (*p) {
+    const char *eol = strchr(p, '\n');
+    size_t ll = eol ? (size_t) (eol - p) : strlen(p);
+    if (ll > nl && strncasecmp(p, name, nl) == 0 && p[nl] == ':') {
+      const char *v = skip_ows(p + nl + 1);
+      size_t vl = ll - (size_t) (v - p);
+      while (vl > 0 && (v[vl - 1] == '\r' || v[vl - 1] == ' ' || v[vl - 1] == '\t'))
+        vl--;
+      if (found)
+        (void) dynbuf_append_str(&out, ", ");
+      (void) dynbuf_append(&out, v, vl);
+      found = true;
+    }
+    if (!eol)
+      break;
+    p = eol + 1;
+  }
+  if (!found)
+    return NULL;
+  return out.data ? dynbuf_take(&out, NULL) : xstrdup("");
+}
+
+static bool file_exists(const char *path)
+{
+  struct stat st;
+  return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static void setup_tls(registry_client *c, CURL *h, const char *host)
+{
+  if (!c->certs_dir || str_empty(host) || strchr(host, '/') || streq(host, "..") || streq(host, "."))
+    return;
+  cleanup_free char *ca = xasprintf("%s/%s/ca.crt", c->certs_dir, host);
+  cleanup_free char *cert = xasprintf("%s/%s/client.cert", c->certs_dir, host);
+  cleanup_free char *key = xasprintf("%s/%s/client.key", c->certs_dir, host);
+  if (file_exists(ca))
+    curl_easy_setopt(h, CURLOPT_CAINFO, ca); /* curl copies string options */
+  if (file_exists(cert) && file_exists(key)) {
+    curl_easy_setopt(h, CURLOPT_SSLCERT, cert);
+    curl_easy_setopt(h, CURLOPT_SSLKEY, key);
+  }
+}
+
+typedef struct auth_snapshot {
+  auth_kind kind;
+  char *token;
+  unsigned generation;
+} auth_snapshot;
+
+static void auth_snapshot_clear(auth_snapshot *s)
+{
+  secret_free(s->token);
+  s->token = NULL;
+}
+
+static void auth_take_snapshot(registry_repo *r, auth_snapshot *s)
+{
+  pthread_mutex_lock(&r->lock);
+  s->kind = r->auth;
+  if (r->auth == AUTH_BEARER && r->token_expiry_ms && now_monotonic_ms() >= r->token_expiry_ms) {
+    /* Expired: go without; the 401 that follows fetches a fresh one. */
+    s->kind = AUTH_NONE;
+  }
+  s->token = (s->kind == AUTH_BEARER) ? xstrdup(r->token) : NULL;
+  s->generation = r->auth_generation;
+  pthread_mutex_unlock(&r->lock);
+}
+
+/* Runs one request. auth: the repo's auth state to present (NULL: none). basic: a credential to present with HTTP
+ * Basic instead (the token endpoint). */
+static CURLcode perform(registry_repo *r, const char *url, const char *accept, const auth_snapshot *auth,
+                        const credential *basic, xfer_ctx *ctx, long *ret_status)
+{
+  registry_client *c = r->client;
+  CURL *h = curl_easy_init();
+  if (!h)
+    return CURLE_OUT_OF_MEMORY;
+  ctx->h = h;
+  ctx->errbuf[0] = 0;
+  struct curl_slist *hdrs = NULL;
+
+  curl_easy_setopt(h, CURLOPT_SHARE, c->share);
+  curl_easy_setopt(h, CURLOPT_URL, url);
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, ctx->errbuf);
+  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+  curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+  curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
+  curl_easy_setopt(h, CURLOPT_MAXREDIRS, (long) REGISTRY_MAX_REDIRECTS);
+  curl_easy_setopt(h, CURLOPT_UNRESTRICTED_AUTH, 0L);
+  curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2TLS);
+  curl_easy_setopt(h, CURLOPT_USERAGENT, c->user_agent);
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, c->connect_timeout_ms);
+  /* No bytes for the progress timeout fails the request (less than 1 byte/s over that window). */
+  curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, c->low_speed_time_s);
+  curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, header_cb);
+  curl_easy_setopt(h, CURLOPT_HEADERDATA, ctx);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write_cb);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, ctx);
+  curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
+  curl_easy_setopt(h, CURLOPT_XFERINFODATA, ctx);
+  curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+  setup_tls(c, h, r->host);
+
+  if (accept) {
+    cleanup_free char *a = xasprintf("Accept: %s", accept);
+    hdrs = curl_slist_append(hdrs, a);
+  }
+  if (ctx->offset > 0) {
+    char range[64];
+    snprintf(range, sizeof(range), "%" PRIu64 "-", ctx->offset);
+    curl_easy_setopt(h, CURLOPT_RANGE, range);
+  }
+  if (hdrs)
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+
+  if (auth && auth->kind == AUTH_BEARER && auth->token) {
+    curl_easy_setopt(h, CURLOPT_HTTPAUTH, (long) CURLAUTH_BEARER);
+    curl_easy_setopt(h, CURLOPT_XOAUTH2_BEARER, auth->token);
+  } else if ((auth && auth->kind == AUTH_BASIC && r->cred) || basic) {
+    const credential *cr = basic ? basic : r->cred;
+    curl_easy_setopt(h, CURLOPT_HTTPAUTH, (long) CURLAUTH_BASIC);
+    curl_easy_setopt(h, CURLOPT_USERNAME, cr->username ? cr->username : "");
+    curl_easy_setopt(h, CURLOPT_PASSWORD, cr->password ? cr->password : "");
+  }
+
+  CURLcode cc = curl_easy_perform(h);
+  *ret_status = current_status(ctx);
+  /* Wipe secrets curl keeps in the handle before it is freed. */
+  curl_easy_setopt(h, CURLOPT_XOAUTH2_BEARER, NULL);
+  curl_easy_setopt(h, CURLOPT_PASSWORD, NULL);
+  curl_slist_free_all(hdrs);
+  /* ctx->h stays valid for header_get/status only until here */
+  curl_easy_cleanup(h);
+  ctx->h = NULL;
+  return cc;
+}
+
+/* Turns a failed transfer into an error naming the registry, the request, the HTTP status and the registry's code. */
+static int transfer_error(registry_repo *r, const char *what, xfer_ctx *ctx, CURLcode cc, long status,
+                          crimage_error **err)
+{
+  if (ctx->cancelled)
+    return crimage_error_set(err, CRIMAGE_CANCELLED, 0, "registry %s: %s: cancelled", r->host, what);
+  if (ctx->sink_err) {
+    int ret = -(ctx->sink_err->errnum ? ctx->sink_err->errnum : EIO);
+    if (err && !*err)
+      *err = TAKE_PTR(ctx->sink_err);
+    else
+      crimage_error_clear(&ctx->sink_err);
+    return ret;
+  }
+  if (ctx->header_too_big)
+    return crimage_error_set(err, CRIMAGE_UNKNOWN, 0, "registry %s: %s: response headers exceed %d bytes", r->host,
+                             what, REGISTRY_MAX_HEADER_BYTES);
+  if (ctx->bad_range)
+    return crimage_error_set(err, CRIMAGE_UNKNOWN, 0,
+                             "registry %s: %s: partial content does not start at the requested offset %" PRIu64,
+                             r->host, what, ctx->offset);
+  if (ctx->too_big)
+    return crimage_error_set(err, ctx->sink ? CRIMAGE_DATA_LOSS : CRIMAGE_INVALID_ARGUMENT, 0,
+                             "registry %s: %s: response larger than the limit of %" PRId64 " bytes", r->host, what,
+                             ctx->limit >= 0 ? ctx->limit : (int64_t) ctx->body->max);
+  if (cc == CURLE_OPERATION_TIMEDOUT)
+    return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "registry %s: %s: no progress for %ld s", r->host,
+                             what, r->client->low_speed_time_s);
+  if (cc == CURLE_TOO_MANY_REDIRECTS)
+    return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "registry %s: %s: more than %d redirects", r->host, what,
+                             REGISTRY_MAX_REDIRECTS);
+  if (cc != CURLE_OK) {
+    char msg[CURL_ERROR_SIZE];
+    sanitize(ctx->errbuf[0] ? ctx->errbuf : curl_easy_strerror(cc), msg, sizeof(msg));
+    return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "registry %s: %s: %s", r->host, what, msg);
+  }
+
+  /* An HTTP error: look for the registry's error code ({"errors":[{"code":...,"message":...}]}). */
+  const char *code = NULL, *message = NULL;
+  cleanup_json json_object *root = NULL;
+  if (ctx->errbody.len > 0) {
+    cleanup_error crimage_error *jerr = NULL;
+    if (json_parse(ctx->errbody.data, ctx->errbody.len, "registry error", &root, &jerr) == 0) {
+      json_object *errors = json_get_array(root, "errors");
+      json_object *e0 = errors && json_object_array_length(errors) > 0 ? json_object_array_get_idx(errors, 0) : NULL;
+      code = json_get_string(e0, "code");
+      message = json_get_string(e0, "message");
+    }
+  }
+  char scode[64], smsg[256];
+  sanitize(code, scode, sizeof(scode));
+  sanitize(message, smsg, sizeof(smsg));
+  crimage_status st = registry_status_from_code(code, status);
+  return crimage_error_set(err, st, 0, "registry %s: %s: HTTP %ld%s%s%s%s", r->host, what, status,
+                           code ? " " : "", scode, message ? ": " : "", smsg);
+}
+
+/* ---- tokens ---- */
+
+static int fetch_token(registry_repo *r, const auth_challenge *ch, crimage_error **err)
+{
+  const char *realm = auth_challenge_param(ch, "realm");
+  const char *service = auth_challenge_param(ch, "service");
+  const char *scope = auth_challenge_param(ch, "scope");
+  if (str_empty(realm) || (!str_has_prefix(realm, "https://") && !str_has_prefix(realm, "http://")))
+    return crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0,
+                             "registry %s: Bearer challenge without a valid http(s) realm", r->host);
+  cleanup_free char *default_scope = xasprintf("repository:%s:pull", r->name);
+  if (str_empty(scope))
+    scope = default_scope;
+
+  CURL *esc = curl_easy_init();
+  if (!esc)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "curl_easy_init failed");
+  char *e_service = service ? curl_easy_escape(esc, service, 0) : NULL;
+  char *e_scope = curl_easy_escape(esc, scope, 0);
+  curl_easy_cleanup(esc);
+  cleanup_free char *url = xasprintf("%s%s%s%s%sscope=%s", realm, strchr(realm, '?') ? "&" : "?",
+                                     e_service ? "service=" : "", e_service ? e_service : "", e_service ? "&" : "",
+                                     e_scope ? e_scope : "");
+  curl_free(e_service);
+  curl_free(e_scope);
+
+  cleanup_dynbuf dynbuf body;
+  dynbuf_init(&body, REGISTRY_MAX_TOKEN_BODY);
+  xfer_ctx ctx = {.body = &body, .limit = -1};
+  dynbuf_init(&ctx.errbody, REGISTRY_MAX_ERROR_BODY);
+  dynbuf_init(&ctx.headers, REGISTRY_MAX_HEADER_BYTES);
+  const credential *basic = (r->cred && !str_empty(r->cred->username)) ? r->cred : NULL;
+  long status = 0;
+  CURLcode cc = perform(r, url, "application/json", NULL, basic, &ctx, &status);
+  int ret = 0;
+  if (cc != CURLE_OK || status < 200 || status >= 300) {
+    if (cc == CURLE_OK && (status == 401 || status == 403))
+      ret = crimage_error_set(err, status == 401 ? CRIMAGE_UNAUTHENTICATED : CRIMAGE_PERMISSION_DENIED, 0,
+                              "registry %s: token request: HTTP %ld (credentials %s)", r->host, status,
+                              basic ? (basic->source ? basic->source : "given") : "none");
+    else
+      ret = transfer_error(r, "token request", &ctx, cc, status, err);
+    goto out;
+  }
+  {
+    cleanup_json json_object *root = NULL;
+    ret = json_parse(body.data ? body.data : "", body.len, "token response", &root, err);
+    if (ret < 0)
+      goto out;
+    const char *token = json_get_string(root, "token");
+    if (str_empty(token))
+      token = json_get_string(root, "access_token");
+    if (str_empty(token) || strlen(token) > 64 * 1024) {
+      ret = crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0, "registry %s: token response without a token",
+                              r->host);
+      goto out;
+    }
+    int64_t expires_in = 0;
+    if (!json_get_int64(root, "expires_in", &expires_in) || expires_in < 60)
+      expires_in = 60; /* the distribution token spec's default */
+    pthread_mutex_lock(&r->lock);
+    secret_free(r->token);
+    r->token = xstrdup(token);
+    r->auth = AUTH_BEARER;
+    /* Renew a little early so a request does not start with a token about to expire. */
+    r->token_expiry_ms = now_monotonic_ms() + (expires_in - 10) * 1000;
+    r->auth_generation++;
+    pthread_mutex_unlock(&r->lock);
+    /* The token response body holds the secret: wipe it. */
+    explicit_bzero(body.data, body.len);
+  }
+out:
+  dynbuf_free(&ctx.errbody);
+  dynbuf_free(&ctx.headers);
+  if (body.data)
+    explicit_bzero(body.data, body.len);
+  return ret;
+}
+
+/* Reacts to a 401: picks the challenge we can answer (Bearer first, then Basic with a credential). */
+static int authenticate(registry_repo *r, const char *www_authenticate, unsigned generation, crimage_error **err)
+{
+  pthread_mutex_lock(&r->lock);
+  bool changed = r->auth_generation != generation;
+  pthread_mutex_unlock(&r->lock);
+  if (changed)
+    return 0; /* another thread already renewed the auth state: just retry */
+  if (str_empty(www_authenticate))
+    return crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0,
+                             "registry %s: HTTP 401 without a WWW-Authenticate challenge", r->host);
+  auth_challenge ch[REGISTRY_MAX_CHALLENGES];
+  size_t n = 0;
+  int ret = auth_challenges_parse(www_authenticate, ch, &n, err);
+  if (ret < 0) {
+    auth_challenges_clear(ch, n);
+    return crimage_error_wrap(err, "registry %s", r->host);
+  }
+  const auth_challenge *bearer = NULL, *basic = NULL;
+  for (size_t i = 0; i < n; i++) {
+    if (streq(ch[i].scheme, "bearer") && !bearer)
+      bearer = &ch[i];
+    else if (streq(ch[i].scheme, "basic") && !basic)
+      basic = &ch[i];
+  }
+  if (bearer) {
+    ret = fetch_token(r, bearer, err);
+  } else if (basic && r->cred && !str_empty(r->cred->username)) {
+    pthread_mutex_lock(&r->lock);
+    if (r->auth == AUTH_BASIC)
+      ret = crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0,
+                              "registry %s: credentials (%s) rejected", r->host,
+                              r->cred->source ? r->cred->source : "request");
+    else {
+      r->auth = AUTH_BASIC;
+      r->auth_generation++;
+    }
+    pthread_mutex_unlock(&r->lock);
+  } else {
+    ret = crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0,
+                            "registry %s: authentication required (%s)%s", r->host, ch[0].scheme,
+                            r->cred ? "" : " and no credentials given");
+  }
+  auth_challenges_clear(ch, n);
+  return ret;
+}
+
+/* GETs path (below the repo's base) with authentication: anonymous or the current auth state first, and on a 401
+ * the challenge is answered and the request repeated once. */
+/* How long to wait before retrying a 429/5xx: the registry's Retry-After (delta-seconds) when it sends one, capped,
+ * else an exponential back-off. */
+static int64_t retry_delay_ms(const xfer_ctx *ctx, int retries)
+{
+  cleanup_free char *ra = header_get(ctx, "Retry-After");
+  if (ra) {
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(ra, &end, 10);
+    if (errno == 0 && end != ra && *end == 0 && v >= 0)
+      return v * 1000 < REGISTRY_MAX_RETRY_AFTER_MS ? v * 1000 : REGISTRY_MAX_RETRY_AFTER_MS;
+  }
+  return 500LL << retries;
+}
+
+/* Sleeps ms, waking early (false) when the transfer is cancelled. */
+static bool sleep_unless_cancelled(const registry_xfer *x, int64_t ms)
+{
+  int64_t end = now_monotonic_ms() + ms;
+  for (;;) {
+    if (x && x->cancelled && x->cancelled(x->userdata))
+      return false;
+    int64_t left = end - now_monotonic_ms();
+    if (left <= 0)
+      return true;
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = (left < 50 ? left : 50) * 1000000L};
+    nanosleep(&ts, NULL);
+  }
+}
+
+static bool status_retryable(long status)
+{
+  return status == 429 || status == 500 || status == 502 || status == 503 || status == 504;
+}
+
+/* GETs path (below the repo's base) with authentication: anonymous or the current auth state first, and on a 401
+ * the challenge is answered and the request repeated once. 429 and 5xx answers are retried a few times, honouring
+ * Retry-After. */
+static int repo_get(registry_repo *r, const char *path, const char *what, const char *accept, xfer_ctx *ctx,
+                    char **ret_content_type, crimage_error **err)
+{
+  cleanup_free char *url = xasprintf("%s/%s/%s", r->base, r->name, path);
+  dynbuf_init(&ctx->errbody, REGISTRY_MAX_ERROR_BODY);
+  dynbuf_init(&ctx->headers, REGISTRY_MAX_HEADER_BYTES);
+  int ret = 0;
+  bool authenticated = false;
+  int retries = 0;
+  uint64_t offset = ctx->offset;
+  for (;;) {
+    auth_snapshot auth = {0};
+    auth_take_snapshot(r, &auth);
+    long status = 0;
+    ctx->offset = offset;
+    CURLcode cc = perform(r, url, accept, &auth, NULL, ctx, &status);
+    unsigned generation = auth.generation;
+    auth_snapshot_clear(&auth);
+    if (cc == CURLE_OK && !ctx->body_started) {
+      if (status == 401 && !authenticated) {
+        authenticated = true;
+        cleanup_free char *challenge = header_get(ctx, "WWW-Authenticate");
+        ret = authenticate(r, challenge, generation, err);
+        if (ret < 0)
+          break;
+        dynbuf_reset(&ctx->errbody);
+        dynbuf_reset(&ctx->headers);
+        continue;
+      }
+      if (status_retryable(status) && retries < REGISTRY_MAX_RETRIES) {
+        int64_t delay = retry_delay_ms(ctx, retries);
+        retries++;
+        log_info("registry %s: %s: HTTP %ld, retrying in %" PRId64 " ms", r->host, what, status, delay);
+        if (!sleep_unless_cancelled(ctx->x, delay)) {
+          ctx->cancelled = true;
+          ret = transfer_error(r, what, ctx, cc, status, err);
+          break;
+        }
+        dynbuf_reset(&ctx->errbody);
+        dynbuf_reset(&ctx->headers);
+        continue;
+      }
+    }
+    if (cc != CURLE_OK || status < 200 || status >= 300) {
+      ret = transfer_error(r, what, ctx, cc, status, err);
+      break;
+    }
+    if (ret_content_type)
+      *ret_content_type = header_get(ctx, "Content-Type");
+    break;
+  }
+  dynbuf_free(&ctx->errbody);
+  dynbuf_free(&ctx->headers);
+  if (ctx->sink_err)
+    crimage_error_clear(&ctx->sink_err);
+  return ret;
+}
+
+static bool reference_safe(const char *s)
+{
+  /* A tag or digest goes into a URL path: allow only their own alphabets. */
+  if (str_empty(s) || strlen(s) > DIGEST_MAX_LEN)
+    return false;
+  for (const char *p = s; *p; p++)
+    if (!isalnum((unsigned char) *p) && !strchr("._-:+=", *p))
+      return false;
+  return true;
+}
+
+int registry_get_manifest(registry_repo *r, const char *reference, size_t max, const registry_xfer *x,
+                          char **ret_body, size_t *ret_len, char **ret_content_type, crimage_error **err)
+{
+  if (!reference_safe(reference))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid manifest reference");
+  cleanup_free char *path = xasprintf("manifests/%s", reference);
+  cleanup_free char *what = xasprintf("manifest %s:%s", r->name, reference);
+  cleanup_dynbuf dynbuf body;
+  dynbuf_init(&body, max);
+  xfer_ctx ctx = {.x = x, .body = &body, .limit = -1};
+  char *ct = NULL;
+  int ret = repo_get(r, path, what, MANIFEST_ACCEPT, &ctx, &ct, err);
+  if (ret < 0)
+    return ret;
+  *ret_len = body.len;
+  *ret_body = body.data ? dynbuf_take(&body, NULL) : xstrdup("");
+  *ret_content_type = ct;
+  return 0;
+}
+
+int registry_get_blob(registry_repo *r, const char *digest, uint64_t offset, int64_t size, const registry_sink *sink,
+                      const registry_xfer *x, crimage_error **err)
+{
+  if (!reference_safe(digest))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid blob digest");
+  if (size >= 0 && offset > (uint64_t) size)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "resume offset beyond the blob size");
+  cleanup_free char *path = xasprintf("blobs/%s", digest);
+  cleanup_free char *what = xasprintf("blob %s", digest);
+  xfer_ctx ctx = {.x = x, .sink = sink, .offset = offset, .limit = size >= 0 ? size - (int64_t) offset : -1,
+                  .total = size};
+  return repo_get(r, path, what, NULL, &ctx, NULL, err);
+}

@@ -1,0 +1,73 @@
+/* Image manifests and indexes (OCI image spec v1, Docker image manifest v2 schema 2 and manifest list): parsing with
+ * limits, media type checks and platform selection from an index. */
+#ifndef CRIMAGE_PULL_MANIFEST_H
+#define CRIMAGE_PULL_MANIFEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/error.h"
+#include "pull/platform.h"
+
+#define MEDIA_TYPE_OCI_MANIFEST "application/vnd.oci.image.manifest.v1+json"
+#define MEDIA_TYPE_OCI_INDEX "application/vnd.oci.image.index.v1+json"
+#define MEDIA_TYPE_DOCKER_MANIFEST "application/vnd.docker.distribution.manifest.v2+json"
+#define MEDIA_TYPE_DOCKER_LIST "application/vnd.docker.distribution.manifest.list.v2+json"
+#define MEDIA_TYPE_OCI_CONFIG "application/vnd.oci.image.config.v1+json"
+#define MEDIA_TYPE_DOCKER_CONFIG "application/vnd.docker.container.image.v1+json"
+
+/* The Accept header of a manifest request: without it the distribution registry answers 404 for OCI manifests. */
+#define MANIFEST_ACCEPT                                                                                                \
+  MEDIA_TYPE_OCI_MANIFEST ", " MEDIA_TYPE_OCI_INDEX ", " MEDIA_TYPE_DOCKER_MANIFEST ", " MEDIA_TYPE_DOCKER_LIST
+
+#define MANIFEST_MAX_SIZE (4u * 1024 * 1024)
+#define MANIFEST_MAX_LAYERS 1000
+#define MANIFEST_MAX_ENTRIES 1000 /* manifests in an index */
+#define IMAGE_CONFIG_MAX_SIZE (8u * 1024 * 1024)
+
+typedef struct manifest_descriptor {
+  char *media_type;
+  char *digest;
+  int64_t size;
+  bool has_platform;
+  platform platform; /* normalized; valid when has_platform */
+} manifest_descriptor;
+
+typedef enum manifest_kind {
+  MANIFEST_KIND_IMAGE, /* OCI image manifest or Docker schema 2 manifest */
+  MANIFEST_KIND_INDEX, /* OCI index or Docker manifest list */
+} manifest_kind;
+
+typedef struct manifest {
+  manifest_kind kind;
+  char *media_type;
+  /* MANIFEST_KIND_IMAGE */
+  manifest_descriptor config;
+  manifest_descriptor *layers; /* distributable layers only, in order */
+  size_t n_layers;
+  size_t n_skipped_layers; /* foreign / non-distributable layers left out */
+  /* MANIFEST_KIND_INDEX */
+  manifest_descriptor *manifests;
+  size_t n_manifests;
+} manifest;
+
+/* Parses a manifest or index of at most MANIFEST_MAX_SIZE bytes. content_type is the HTTP Content-Type (may be NULL);
+ * the document's own mediaType wins when present, and the two must agree. Errors are INVALID_ARGUMENT. */
+int manifest_parse(const char *data, size_t len, const char *content_type, manifest **ret, crimage_error **err);
+void manifest_free(manifest *m);
+static inline void manifest_freep(manifest **m) { manifest_free(*m); }
+#define cleanup_manifest __attribute__((cleanup(manifest_freep)))
+
+bool manifest_media_type_is_index(const char *media_type);
+bool manifest_media_type_is_image(const char *media_type);
+
+/* Picks the entry of an index for platform want (normalized). An entry whose platform equals want exactly beats
+ * one that merely matches. INVALID_ARGUMENT naming the available platforms when none does. */
+int manifest_select_platform(const manifest *index, const platform *want, const manifest_descriptor **ret,
+                             crimage_error **err);
+
+/* Reads Config.User from an image config blob ("" when unset). */
+int image_config_user(const char *data, size_t len, char **ret_user, crimage_error **err);
+
+#endif

@@ -1,0 +1,96 @@
+/* A registry HTTP client (OCI distribution spec) on libcurl: one client per daemon shares connections, DNS and TLS
+ * sessions between every transfer; a registry_repo is one repository on one endpoint with its authentication state
+ * (anonymous, Basic, or a Bearer token from the WWW-Authenticate challenge). Thread-safe: several threads may
+ * transfer through one repo at once. */
+#ifndef CRIMAGE_PULL_REGISTRY_H
+#define CRIMAGE_PULL_REGISTRY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "auth/credential.h"
+#include "common/error.h"
+
+#define REGISTRY_MAX_REDIRECTS 5
+#define REGISTRY_MAX_HEADER_BYTES (64 * 1024) /* all response headers of one response */
+#define REGISTRY_MAX_TOKEN_BODY (1024 * 1024)
+#define REGISTRY_MAX_ERROR_BODY (64 * 1024)
+#define REGISTRY_MAX_CHALLENGES 16
+#define REGISTRY_MAX_CHALLENGE_PARAMS 32
+#define REGISTRY_MAX_RETRIES 3                 /* for 429 and 5xx answers */
+#define REGISTRY_MAX_RETRY_AFTER_MS (30 * 1000) /* a longer Retry-After is cut to this */
+
+typedef struct registry_client_options {
+  const char *certs_dir;       /* <dir>/<host[:port]>/{ca.crt,client.cert,client.key}; NULL = none */
+  const char *user_agent;      /* NULL = "crimage/<version>" */
+  int64_t progress_timeout_ms; /* no bytes for this long fails a request; <= 0 = 5 min */
+  int64_t connect_timeout_ms;  /* <= 0 = 30 s */
+} registry_client_options;
+
+typedef struct registry_client registry_client;
+
+int registry_client_new(const registry_client_options *opts, registry_client **ret, crimage_error **err);
+void registry_client_free(registry_client *c);
+
+/* One repository on one endpoint. endpoint is "https://host[:port]" or "http://host[:port]" (no trailing slash; a
+ * path prefix is allowed and "/v2" is appended unless override_path). host names the registry in messages and
+ * picks the certs.d directory. cred may be NULL (anonymous); it is copied. */
+typedef struct registry_repo registry_repo;
+int registry_repo_new(registry_client *c, const char *endpoint, bool override_path, const char *host,
+                      const char *name, const credential *cred, registry_repo **ret, crimage_error **err);
+void registry_repo_free(registry_repo *r);
+const char *registry_repo_host(const registry_repo *r);
+
+/* Per call: cancellation and progress. */
+typedef struct registry_xfer {
+  bool (*cancelled)(void *userdata); /* polled while transferring; true aborts with CANCELLED */
+  /* bytes of the body received so far in this request (not counting a resume offset) */
+  void (*progress)(void *userdata, uint64_t received);
+  void *userdata;
+} registry_xfer;
+
+/* GET /v2/<name>/manifests/<reference> with the Accept of every supported manifest type. The body (at most max
+ * bytes) is returned NUL-terminated with its Content-Type (may be NULL). */
+int registry_get_manifest(registry_repo *r, const char *reference, size_t max, const registry_xfer *x,
+                          char **ret_body, size_t *ret_len, char **ret_content_type, crimage_error **err);
+
+/* Where a blob's bytes go. write returns 0 or a negative errno with *err set. restart is called when a server
+ * answers a Range request with the whole blob (200 instead of 206): the sink must drop what it holds. */
+typedef struct registry_sink {
+  int (*write)(void *userdata, const void *data, size_t len, crimage_error **err);
+  int (*restart)(void *userdata, crimage_error **err);
+  void *userdata;
+} registry_sink;
+
+/* GET /v2/<name>/blobs/<digest>, from offset on (a Range request when offset > 0). At most size - offset bytes are
+ * accepted (size < 0: unknown, no limit). Redirects to blob storage are followed without the Authorization header. */
+int registry_get_blob(registry_repo *r, const char *digest, uint64_t offset, int64_t size, const registry_sink *sink,
+                      const registry_xfer *x, crimage_error **err);
+
+/* ---- exposed for tests and for other auth flows ---- */
+
+typedef struct auth_param {
+  char *name;  /* lowercased */
+  char *value; /* unquoted, unescaped */
+} auth_param;
+
+typedef struct auth_challenge {
+  char *scheme; /* lowercased: "bearer", "basic" */
+  char *token68; /* NULL unless the challenge carries a token68 instead of parameters */
+  auth_param params[REGISTRY_MAX_CHALLENGE_PARAMS];
+  size_t n_params;
+} auth_challenge;
+
+/* Parses one or more WWW-Authenticate header values (RFC 7235 §4.1: challenges separated by commas, parameters as
+ * token=token or token="quoted, string"). Appends to *challenges (at most REGISTRY_MAX_CHALLENGES in all).
+ * Returns 0 or -EINVAL with *err set. */
+int auth_challenges_parse(const char *header, auth_challenge *challenges, size_t *n_challenges, crimage_error **err);
+void auth_challenges_clear(auth_challenge *challenges, size_t n);
+/* The value of a parameter (case-insensitive name) or NULL. */
+const char *auth_challenge_param(const auth_challenge *c, const char *name);
+
+/* Maps a registry error code ("MANIFEST_UNKNOWN", ...) and HTTP status to a status. */
+int registry_status_from_code(const char *code, long http_status);
+
+#endif

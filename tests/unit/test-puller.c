@@ -1,0 +1,662 @@
+/* The pull engine end to end against a real registry (Debian's docker-registry) with images pushed by skopeo:
+ * OCI and Docker media types, a multi-arch index, pulls by tag and by digest, the unchanged fast path, runtime
+ * handlers, resumption of a partial ingest, a corrupt partial, cancellation and errors. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "common/digest.h"
+#include "common/dynbuf.h"
+#include "common/util.h"
+#include "pull/manifest.h"
+#include "pull/puller.h"
+#include "pull/registry.h"
+#include "registry-fixture.h"
+
+typedef struct fixture {
+  test_registry reg;
+  test_registry areg; /* htpasswd (Basic) */
+  test_registry treg; /* token auth (Bearer) */
+  test_fault_proxy fault; /* in front of reg */
+  registry_host hosts[4];
+  char store_dir[256];
+  store *store;
+  puller *puller;
+} fixture;
+
+static int group_setup(void **state)
+{
+  fixture *f = xcalloc(1, sizeof(*f));
+  *state = f;
+  if (test_registry_start(&f->reg) < 0 || test_registry_start_auth(&f->areg, "bob", "pa:ss word") < 0 ||
+      test_push_image(&f->areg, "priv/app", "v1", "--layers 2 --user www-data", "") < 0 ||
+      test_registry_start_mode(&f->treg, "token", NULL, NULL) < 0 ||
+      test_push_image(&f->treg, "tok/app", "v1", "--layers 5 --arch amd64 --arch arm64", "--all") < 0)
+    return -1;
+  if (test_push_image(&f->reg, "lib/oci", "v1", "--layers 3 --user 1002", "") < 0 ||
+      test_push_image(&f->reg, "lib/docker", "v1", "--layers 2 --user 1003:1004", "--format v2s2") < 0 ||
+      test_push_image(&f->reg, "lib/multi", "v1", "--layers 2 --arch amd64 --arch arm64/v8", "--all") < 0 ||
+      test_push_image(&f->reg, "lib/resume", "v1", "--layers 2", "") < 0 ||
+      test_push_image(&f->reg, "lib/corrupt", "v1", "--layers 1", "") < 0 ||
+      test_push_image(&f->reg, "lib/cancel", "v1", "--layers 1", "") < 0 ||
+      test_push_image(&f->reg, "lib/fault", "v1", "--layers 2", "") < 0 ||
+      test_fault_proxy_start(&f->reg, "dave", "pw", &f->fault) < 0)
+    return -1;
+  snprintf(f->store_dir, sizeof(f->store_dir), "/tmp/crimage-test-pull-XXXXXX");
+  if (!mkdtemp(f->store_dir))
+    return -1;
+  crimage_error *err = NULL;
+  if (store_open(f->store_dir, &f->store, &err) < 0) {
+    fprintf(stderr, "store_open: %s\n", err->message);
+    return -1;
+  }
+  f->hosts[0].host = f->reg.host;
+  f->hosts[0].insecure = true;
+  f->hosts[1].host = f->areg.host;
+  f->hosts[1].insecure = true;
+  f->hosts[2].host = f->treg.host;
+  f->hosts[2].insecure = true;
+  f->hosts[3].host = f->fault.host;
+  f->hosts[3].insecure = true;
+  puller_options o = {.hosts = f->hosts, .n_hosts = 4, .max_concurrent_downloads = 3, .progress_timeout_ms = 60000};
+  return puller_new(f->store, &o, &f->puller, &err) < 0 ? -1 : 0;
+}
+
+static int group_teardown(void **state)
+{
+  fixture *f = *state;
+  if (!f)
+    return 0;
+  puller_free(f->puller);
+  store_close(f->store);
+  test_fault_proxy_stop(&f->fault);
+  test_registry_stop(&f->reg);
+  test_registry_stop(&f->areg);
+  test_registry_stop(&f->treg);
+  if (f->store_dir[0]) {
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", f->store_dir);
+    (void) test_run(cmd);
+  }
+  free(f);
+  return 0;
+}
+
+typedef struct events {
+  int resolved, started, done;
+  uint64_t total;
+  bool cancel;
+  const char *watch;         /* a blob digest whose first progress event is recorded */
+  uint64_t watch_first_done; /* bytes of it present at its first progress event */
+} events;
+
+static void on_event(void *ud, const pull_event *ev)
+{
+  events *e = ud;
+  /* called from several transfer threads */
+  switch (ev->kind) {
+  case PULL_EVENT_RESOLVED:
+    __atomic_add_fetch(&e->resolved, 1, __ATOMIC_SEQ_CST);
+    e->total = ev->total;
+    break;
+  case PULL_EVENT_BLOB_START:
+    __atomic_add_fetch(&e->started, 1, __ATOMIC_SEQ_CST);
+    break;
+  case PULL_EVENT_BLOB_PROGRESS:
+    if (e->watch && streq(ev->digest, e->watch) && e->watch_first_done == 0)
+      e->watch_first_done = ev->done;
+    break;
+  case PULL_EVENT_BLOB_DONE:
+    __atomic_add_fetch(&e->done, 1, __ATOMIC_SEQ_CST);
+    break;
+  default:
+    break;
+  }
+}
+
+static bool on_cancelled(void *ud) { return ((events *) ud)->cancel; }
+
+static int do_pull(fixture *f, const char *image, const char *handler, const platform *plat, pull_result *res,
+                   events *ev, crimage_error **err)
+{
+  char full[256];
+  snprintf(full, sizeof(full), "%s/%s", f->reg.host, image);
+  image_ref *ref = NULL;
+  if (reference_parse(full, NULL, &ref, err) < 0)
+    return -1;
+  events dummy = {0};
+  pull_request req = {.ref = ref, .handler = handler, .platform = plat, .progress = on_event,
+                      .cancelled = on_cancelled, .userdata = ev ? ev : &dummy};
+  memset(res, 0, sizeof(*res));
+  int r = puller_pull(f->puller, &req, res, err);
+  reference_free(ref);
+  return r;
+}
+
+static const platform amd64 = {.os = "linux", .architecture = "amd64"};
+
+static void assert_blobs_present(fixture *f, const store_image *img)
+{
+  assert_true(store_blob_exists(f->store, img->id, NULL));
+  assert_true(store_blob_exists(f->store, img->manifest_digest, NULL));
+  for (char **l = img->layers; *l; l++) {
+    uint64_t size = 0;
+    assert_true(store_blob_exists(f->store, *l, &size));
+    /* the stored bytes hash to their name */
+    char *data = NULL;
+    size_t len = 0;
+    crimage_error *err = NULL;
+    assert_int_equal(store_blob_read(f->store, *l, 64u << 20, &data, &len, &err), 0);
+    char got[DIGEST_MAX_LEN + 1];
+    digest_sha256(data, len, got);
+    assert_string_equal(got, *l);
+    free(data);
+  }
+}
+
+static void test_pull_oci(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  events ev = {0};
+  crimage_error *err = NULL;
+  if (do_pull(f, "lib/oci:v1", "", &amd64, &res, &ev, &err) < 0)
+    fail_msg("%s", err->message);
+  char want_manifest[80], want_config[80];
+  assert_int_equal(test_remote_digest(&f->reg, "lib/oci", "v1", "--raw", want_manifest, sizeof(want_manifest)), 0);
+  assert_int_equal(test_remote_digest(&f->reg, "lib/oci", "v1", "--config --raw", want_config, sizeof(want_config)), 0);
+  assert_string_equal(res.image_id, want_config);
+  assert_string_equal(res.repo_digest, want_manifest);
+  assert_string_equal(res.manifest_digest, want_manifest);
+  assert_false(res.unchanged);
+  assert_int_equal(ev.resolved, 1);
+  assert_int_equal(ev.started, 4); /* config + 3 layers */
+  assert_int_equal(ev.done, 4);
+
+  store_image *img = NULL;
+  char key[256];
+  snprintf(key, sizeof(key), "%s/lib/oci:v1", f->reg.host);
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 1);
+  assert_string_equal(img->id, want_config);
+  assert_string_equal(img->manifest_media_type, MEDIA_TYPE_OCI_MANIFEST);
+  assert_string_equal(img->user, "1002");
+  assert_int_equal(strv_length(img->layers), 3);
+  assert_int_equal(img->size, ev.total);
+  char rd[256];
+  snprintf(rd, sizeof(rd), "%s/lib/oci@%s", f->reg.host, want_manifest);
+  assert_true(strv_contains(img->repo_digests, rd));
+  assert_blobs_present(f, img);
+  store_image_free(img);
+  pull_result_clear(&res);
+
+  /* again: unchanged, and no blob is transferred */
+  events ev2 = {0};
+  assert_int_equal(do_pull(f, "lib/oci:v1", "", &amd64, &res, &ev2, &err), 0);
+  assert_true(res.unchanged);
+  assert_string_equal(res.image_id, want_config);
+  assert_int_equal(ev2.started, 0);
+  pull_result_clear(&res);
+
+  /* by digest */
+  char by_digest[200];
+  snprintf(by_digest, sizeof(by_digest), "lib/oci@%s", want_manifest);
+  assert_int_equal(do_pull(f, by_digest, "", &amd64, &res, NULL, &err), 0);
+  assert_string_equal(res.image_id, want_config);
+  assert_string_equal(res.repo_digest, want_manifest);
+  pull_result_clear(&res);
+
+  /* another runtime handler gets its own record; the blobs are already there */
+  events ev3 = {0};
+  assert_int_equal(store_find_image(f->store, "kata", key, &img, &err), 0);
+  assert_int_equal(do_pull(f, "lib/oci:v1", "kata", &amd64, &res, &ev3, &err), 0);
+  assert_false(res.unchanged);
+  assert_int_equal(ev3.started, 0);
+  assert_int_equal(store_find_image(f->store, "kata", key, &img, &err), 1);
+  store_image_free(img);
+  pull_result_clear(&res);
+}
+
+static void test_pull_docker(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  crimage_error *err = NULL;
+  if (do_pull(f, "lib/docker:v1", "", &amd64, &res, NULL, &err) < 0)
+    fail_msg("%s", err->message);
+  char want_config[80];
+  assert_int_equal(test_remote_digest(&f->reg, "lib/docker", "v1", "--config --raw", want_config, sizeof(want_config)),
+                   0);
+  assert_string_equal(res.image_id, want_config);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", res.image_id, &img, &err), 1);
+  assert_string_equal(img->manifest_media_type, MEDIA_TYPE_DOCKER_MANIFEST);
+  assert_string_equal(img->user, "1003:1004");
+  assert_int_equal(strv_length(img->layers), 2);
+  assert_blobs_present(f, img);
+  store_image_free(img);
+  pull_result_clear(&res);
+}
+
+static void test_pull_multiarch(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  crimage_error *err = NULL;
+  char index_digest[80], arm_config[80], amd_config[80];
+  assert_int_equal(test_remote_digest(&f->reg, "lib/multi", "v1", "--raw", index_digest, sizeof(index_digest)), 0);
+  assert_int_equal(test_remote_digest(&f->reg, "lib/multi", "v1", "--config --raw --override-arch arm64 "
+                                      "--override-variant v8", arm_config, sizeof(arm_config)), 0);
+  assert_int_equal(test_remote_digest(&f->reg, "lib/multi", "v1", "--config --raw --override-arch amd64",
+                                      amd_config, sizeof(amd_config)), 0);
+  assert_string_not_equal(arm_config, amd_config);
+
+  /* arm64 without a variant picks the arm64/v8 entry */
+  platform arm = {.os = "linux", .architecture = "arm64"};
+  if (do_pull(f, "lib/multi:v1", "", &arm, &res, NULL, &err) < 0)
+    fail_msg("%s", err->message);
+  assert_string_equal(res.image_id, arm_config);
+  assert_string_equal(res.repo_digest, index_digest);
+  assert_string_not_equal(res.manifest_digest, index_digest);
+  pull_result_clear(&res);
+
+  /* another handler on amd64 */
+  assert_int_equal(do_pull(f, "lib/multi:v1", "amd", &amd64, &res, NULL, &err), 0);
+  assert_string_equal(res.image_id, amd_config);
+  pull_result_clear(&res);
+
+  /* no match: the error lists what there is */
+  platform s390x = {.os = "linux", .architecture = "s390x"};
+  assert_true(do_pull(f, "lib/multi:v1", "", &s390x, &res, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_INVALID_ARGUMENT);
+  assert_non_null(strstr(err->message, "linux/s390x"));
+  assert_non_null(strstr(err->message, "linux/amd64, linux/arm64/v8"));
+  crimage_error_clear(&err);
+}
+
+static void test_pull_errors(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  crimage_error *err = NULL;
+  assert_true(do_pull(f, "lib/oci:nope", "", &amd64, &res, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_NOT_FOUND);
+  assert_non_null(strstr(err->message, "MANIFEST_UNKNOWN"));
+  assert_non_null(strstr(err->message, f->reg.host));
+  crimage_error_clear(&err);
+
+  assert_true(do_pull(f, "lib/oci@sha256:0000000000000000000000000000000000000000000000000000000000000000", "",
+                      &amd64, &res, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_NOT_FOUND);
+  crimage_error_clear(&err);
+
+  /* a registry not configured insecure is spoken to over TLS: a plain HTTP one then fails as unavailable */
+  puller *p = NULL;
+  puller_options o = {.progress_timeout_ms = 10000};
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+  char full[256];
+  snprintf(full, sizeof(full), "%s/lib/oci:v1", f->reg.host);
+  image_ref *ref = NULL;
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  pull_request req = {.ref = ref, .handler = "", .platform = &amd64};
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAVAILABLE);
+  crimage_error_clear(&err);
+  reference_free(ref);
+  puller_free(p);
+}
+
+/* Fetches a layer's bytes directly, to prepare partial ingests. */
+static void fetch_layer(fixture *f, const char *name, size_t idx, char **ret_digest, dynbuf *out)
+{
+  registry_client *c = NULL;
+  registry_repo *r = NULL;
+  crimage_error *err = NULL;
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s", f->reg.host);
+  assert_int_equal(registry_client_new(NULL, &c, &err), 0);
+  assert_int_equal(registry_repo_new(c, ep, false, f->reg.host, name, NULL, &r, &err), 0);
+  char *body = NULL, *ct = NULL;
+  size_t len = 0;
+  assert_int_equal(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err), 0);
+  manifest *m = NULL;
+  assert_int_equal(manifest_parse(body, len, ct, &m, &err), 0);
+  assert_true(idx < m->n_layers);
+  *ret_digest = xstrdup(m->layers[idx].digest);
+  dynbuf_init(out, 16u << 20);
+  manifest_free(m);
+  free(body);
+  free(ct);
+  registry_repo_free(r);
+  registry_client_free(c);
+}
+
+static int dyn_write(void *ud, const void *data, size_t n, crimage_error **err)
+{
+  return dynbuf_append(ud, data, n) < 0 ? crimage_error_set(err, CRIMAGE_INTERNAL, ENOBUFS, "full") : 0;
+}
+
+static void get_blob(fixture *f, const char *name, const char *digest, dynbuf *out)
+{
+  registry_client *c = NULL;
+  registry_repo *r = NULL;
+  crimage_error *err = NULL;
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s", f->reg.host);
+  assert_int_equal(registry_client_new(NULL, &c, &err), 0);
+  assert_int_equal(registry_repo_new(c, ep, false, f->reg.host, name, NULL, &r, &err), 0);
+  registry_sink sink = {.write = dyn_write, .userdata = out};
+  assert_int_equal(registry_get_blob(r, digest, 0, -1, &sink, NULL, &err), 0);
+  registry_repo_free(r);
+  registry_client_free(c);
+}
+
+static void test_pull_resume(void **state)
+{
+  fixture *f = *state;
+  char *digest = NULL;
+  dynbuf data;
+  fetch_layer(f, "lib/resume", 1, &digest, &data);
+  get_blob(f, "lib/resume", digest, &data);
+  assert_true(data.len > 10);
+
+  /* a partial ingest holding the first half, as a broken transfer leaves it */
+  store_ingest *in = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(store_ingest_begin(f->store, digest, (int64_t) data.len, &in, &err), 0);
+  assert_int_equal(store_ingest_write(in, data.data, data.len / 2, &err), 0);
+  store_ingest_abort(in, true);
+  assert_false(store_blob_exists(f->store, digest, NULL));
+
+  pull_result res;
+  events ev = {.watch = digest};
+  if (do_pull(f, "lib/resume:v1", "", &amd64, &res, &ev, &err) < 0)
+    fail_msg("%s", err->message);
+  /* The first bytes that arrived continued the partial (a Range request), not a download from 0. */
+  assert_true(ev.watch_first_done > data.len / 2);
+  assert_true(store_blob_exists(f->store, digest, NULL));
+  char *stored = NULL;
+  size_t len = 0;
+  assert_int_equal(store_blob_read(f->store, digest, 16u << 20, &stored, &len, &err), 0);
+  assert_int_equal(len, data.len);
+  assert_memory_equal(stored, data.data, len);
+  free(stored);
+  pull_result_clear(&res);
+  free(digest);
+  dynbuf_free(&data);
+}
+
+static void test_pull_corrupt_partial(void **state)
+{
+  fixture *f = *state;
+  char *digest = NULL;
+  dynbuf data;
+  fetch_layer(f, "lib/corrupt", 0, &digest, &data);
+  get_blob(f, "lib/corrupt", digest, &data);
+
+  /* a partial whose bytes are wrong: the resumed blob cannot match its digest */
+  store_ingest *in = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(store_ingest_begin(f->store, digest, (int64_t) data.len, &in, &err), 0);
+  char *junk = xmalloc(data.len / 2);
+  memset(junk, 'x', data.len / 2);
+  assert_int_equal(store_ingest_write(in, junk, data.len / 2, &err), 0);
+  free(junk);
+  store_ingest_abort(in, true);
+
+  pull_result res;
+  assert_true(do_pull(f, "lib/corrupt:v1", "", &amd64, &res, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_DATA_LOSS);
+  crimage_error_clear(&err);
+  assert_false(store_blob_exists(f->store, digest, NULL));
+  char key[256];
+  snprintf(key, sizeof(key), "%s/lib/corrupt:v1", f->reg.host);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 0);
+
+  /* the bad partial is gone: the next pull starts over and succeeds */
+  if (do_pull(f, "lib/corrupt:v1", "", &amd64, &res, NULL, &err) < 0)
+    fail_msg("%s", err->message);
+  assert_true(store_blob_exists(f->store, digest, NULL));
+  pull_result_clear(&res);
+  free(digest);
+  dynbuf_free(&data);
+}
+
+static void test_pull_cancel(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  events ev = {.cancel = true};
+  crimage_error *err = NULL;
+  assert_true(do_pull(f, "lib/cancel:v1", "", &amd64, &res, &ev, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_CANCELLED);
+  crimage_error_clear(&err);
+  char key[256];
+  snprintf(key, sizeof(key), "%s/lib/cancel:v1", f->reg.host);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 0);
+}
+
+static int pull_cred(fixture *f, const char *image, const credential *cred, pull_result *res, crimage_error **err)
+{
+  char full[256];
+  snprintf(full, sizeof(full), "%s/%s", f->areg.host, image);
+  image_ref *ref = NULL;
+  if (reference_parse(full, NULL, &ref, err) < 0)
+    return -1;
+  pull_request req = {.ref = ref, .handler = "", .platform = &amd64, .cred = cred};
+  memset(res, 0, sizeof(*res));
+  int r = puller_pull(f->puller, &req, res, err);
+  reference_free(ref);
+  return r;
+}
+
+static void test_pull_basic_auth(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  crimage_error *err = NULL;
+
+  assert_true(pull_cred(f, "priv/app:v1", NULL, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAUTHENTICATED);
+  assert_non_null(strstr(err->message, f->areg.host));
+  crimage_error_clear(&err);
+
+  credential *c = credential_new();
+  c->username = xstrdup("bob");
+  c->password = xstrdup("pa:ss word");
+  /* a credential for another registry is not sent */
+  c->server_address = xstrdup("https://other.example:5000/v1/");
+  assert_true(pull_cred(f, "priv/app:v1", c, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAUTHENTICATED);
+  crimage_error_clear(&err);
+
+  free(c->server_address);
+  c->server_address = xstrdup(f->areg.host);
+  if (pull_cred(f, "priv/app:v1", c, &res, &err) < 0)
+    fail_msg("%s", err->message);
+  char key[256];
+  snprintf(key, sizeof(key), "%s/priv/app:v1", f->areg.host);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 1);
+  assert_string_equal(img->id, res.image_id);
+  assert_string_equal(img->user, "www-data");
+  assert_blobs_present(f, img);
+  store_image_free(img);
+  pull_result_clear(&res);
+
+  free(c->password);
+  c->password = xstrdup("wrong");
+  c->server_address[0] = 0;
+  assert_true(pull_cred(f, "priv/app:v1", c, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAUTHENTICATED);
+  assert_null(strstr(err->message, "wrong"));
+  crimage_error_clear(&err);
+  credential_free(c);
+}
+
+/* The Docker Hub flow: an index behind Bearer tokens obtained anonymously; layers fetched in parallel. */
+static void test_pull_bearer(void **state)
+{
+  fixture *f = *state;
+  char full[256];
+  snprintf(full, sizeof(full), "%s/tok/app:v1", f->treg.host);
+  image_ref *ref = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  events ev = {0};
+  pull_request req = {.ref = ref, .handler = "", .platform = &amd64, .progress = on_event, .userdata = &ev};
+  pull_result res = {0};
+  if (puller_pull(f->puller, &req, &res, &err) < 0)
+    fail_msg("%s", err->message);
+  assert_int_equal(ev.done, 6);
+  char want_config[80];
+  assert_int_equal(test_remote_digest(&f->treg, "tok/app", "v1", "--config --raw --override-arch amd64", want_config,
+                                      sizeof(want_config)), 0);
+  assert_string_equal(res.image_id, want_config);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", full, &img, &err), 1);
+  assert_int_equal(strv_length(img->layers), 5);
+  assert_blobs_present(f, img);
+  store_image_free(img);
+  pull_result_clear(&res);
+  reference_free(ref);
+}
+
+/* Mirrors: a mirror that is down is skipped, the next one serves the image; with every endpoint down the error
+ * names the mirrors tried. The image is recorded under the name asked for, not the mirror's. */
+static void test_pull_mirrors(void **state)
+{
+  fixture *f = *state;
+  char upstream[64], dead_mirror[96], good_mirror[96];
+  snprintf(upstream, sizeof(upstream), "127.0.0.1:%d", test_free_port());
+  snprintf(dead_mirror, sizeof(dead_mirror), "http://127.0.0.1:%d", test_free_port());
+  snprintf(good_mirror, sizeof(good_mirror), "http://%s", f->reg.host);
+  registry_mirror mirrors[2] = {{.endpoint = dead_mirror}, {.endpoint = good_mirror}};
+  registry_host h = {.host = upstream, .insecure = true, .mirrors = mirrors, .n_mirrors = 2};
+  puller_options o = {.hosts = &h, .n_hosts = 1, .progress_timeout_ms = 10000};
+  puller *p = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+
+  char full[256];
+  snprintf(full, sizeof(full), "%s/lib/docker:v1", upstream);
+  image_ref *ref = NULL;
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  pull_request req = {.ref = ref, .handler = "", .platform = &amd64};
+  pull_result res = {0};
+  if (puller_pull(p, &req, &res, &err) < 0)
+    fail_msg("%s", err->message);
+  char want_config[80];
+  assert_int_equal(test_remote_digest(&f->reg, "lib/docker", "v1", "--config --raw", want_config, sizeof(want_config)),
+                   0);
+  assert_string_equal(res.image_id, want_config);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", full, &img, &err), 1);
+  store_image_free(img);
+  pull_result_clear(&res);
+  reference_free(ref);
+
+  /* nothing has it: the upstream's error, with the mirrors listed */
+  snprintf(full, sizeof(full), "%s/lib/absent:v1", upstream);
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  req.ref = ref;
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAVAILABLE);
+  assert_non_null(strstr(err->message, dead_mirror));
+  assert_non_null(strstr(err->message, good_mirror));
+  assert_non_null(strstr(err->message, upstream));
+  crimage_error_clear(&err);
+  reference_free(ref);
+  puller_free(p);
+}
+
+static size_t count_lines(const char *path, const char *needle)
+{
+  FILE *fp = fopen(path, "r");
+  if (!fp)
+    return 0;
+  char line[2048];
+  size_t n = 0;
+  while (fgets(line, sizeof(line), fp))
+    if (strstr(line, needle))
+      n++;
+  fclose(fp);
+  return n;
+}
+
+/* A registry that answers 503 (Retry-After) once per manifest, wants Basic auth, and redirects blobs to another
+ * host name: the pull retries, authenticates, and never sends Authorization to the other host. */
+static void test_pull_faults(void **state)
+{
+  fixture *f = *state;
+  char full[256];
+  snprintf(full, sizeof(full), "%s/lib/fault:v1", f->fault.host);
+  image_ref *ref = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  credential *c = credential_new();
+  c->username = xstrdup("dave");
+  c->password = xstrdup("pw");
+  events ev = {0};
+  pull_request req = {.ref = ref, .handler = "", .platform = &amd64, .cred = c, .progress = on_event,
+                      .userdata = &ev};
+  pull_result res = {0};
+  if (puller_pull(f->puller, &req, &res, &err) < 0)
+    fail_msg("%s", err->message);
+  char want_config[80];
+  assert_int_equal(test_remote_digest(&f->reg, "lib/fault", "v1", "--config --raw", want_config, sizeof(want_config)),
+                   0);
+  assert_string_equal(res.image_id, want_config);
+  assert_int_equal(ev.started, 3);
+
+  assert_true(count_lines(f->fault.log, "\"kind\": \"503\"") >= 1);
+  assert_true(count_lines(f->fault.log, "\"kind\": \"challenge\"") >= 1);
+  /* config + 2 layers went through the redirect, none of them with credentials */
+  assert_int_equal(count_lines(f->fault.log, "\"kind\": \"redirect\""), 3);
+  assert_int_equal(count_lines(f->fault.log, "\"kind\": \"redirected\""), 3);
+  /* the requests to the registry's own host carried the credential (so the redirect had one to leak) */
+  assert_true(count_lines(f->fault.log, "\"kind\": \"redirect\"") > 0);
+  {
+    FILE *fp = fopen(f->fault.log, "r");
+    assert_non_null(fp);
+    char line[2048];
+    while (fgets(line, sizeof(line), fp))
+      if (strstr(line, "\"kind\": \"redirect\""))
+        assert_non_null(strstr(line, "\"auth\": true}"));
+    fclose(fp);
+  }
+  {
+    FILE *fp = fopen(f->fault.log, "r");
+    assert_non_null(fp);
+    char line[2048];
+    while (fgets(line, sizeof(line), fp))
+      if (strstr(line, "\"kind\": \"redirected\""))
+        assert_non_null(strstr(line, "\"auth\": false}"));
+    fclose(fp);
+  }
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", full, &img, &err), 1);
+  assert_blobs_present(f, img);
+  store_image_free(img);
+  pull_result_clear(&res);
+  credential_free(c);
+  reference_free(ref);
+}
+
+int main(void)
+{
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_pull_oci),    cmocka_unit_test(test_pull_docker),
+      cmocka_unit_test(test_pull_multiarch), cmocka_unit_test(test_pull_errors),
+      cmocka_unit_test(test_pull_resume), cmocka_unit_test(test_pull_corrupt_partial),
+      cmocka_unit_test(test_pull_cancel), cmocka_unit_test(test_pull_basic_auth),
+      cmocka_unit_test(test_pull_bearer),
+      cmocka_unit_test(test_pull_mirrors),
+      cmocka_unit_test(test_pull_faults),
+  };
+  return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
