@@ -3,6 +3,7 @@
 #ifndef CRIMAGE_AUTH_CREDENTIAL_H
 #define CRIMAGE_AUTH_CREDENTIAL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 typedef struct credential {
@@ -27,6 +28,11 @@ static inline void credential_freep(credential **c) { credential_free(*c); }
 int credential_set_auth(credential *c, const char *auth_b64);
 /* True when the credential carries nothing (anonymous). */
 int credential_is_empty(const credential *c);
+/* A one-line description without any secret, for `crimage auth` and logs: "user alice (password) from secret
+ * ns/regcred", "identity token from credential helper docker-credential-pass". */
+char *credential_describe(const credential *c);
+/* True when both carry the same username, password and tokens (source and server_address are not compared). */
+bool credential_same_secret(const credential *a, const credential *b);
 
 typedef struct credential_list {
   credential **items;
@@ -35,5 +41,7 @@ typedef struct credential_list {
 
 void credential_list_add(credential_list *l, credential *c); /* takes ownership */
 void credential_list_clear(credential_list *l);
+static inline void credential_list_clearp(credential_list *l) { credential_list_clear(l); }
+#define cleanup_credential_list __attribute__((cleanup(credential_list_clearp)))
 
 #endif

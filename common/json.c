@@ -86,36 +86,40 @@ static int yaml_add(json_object *container, char **pending_key, json_object *val
   return 0;
 }
 
-int yaml_parse(const char *data, size_t len, const char *what, json_object **ret, crimage_error **err)
+/* Reads the events of one document (or the end of the stream) from parser. *ret gets the document's root, NULL for
+ * an empty document; *ret_stream_end is set when the stream ended before a document started. */
+static int yaml_parse_document(yaml_parser_t *parser, const char *what, json_object **ret, bool *ret_stream_end,
+                               crimage_error **err)
 {
-  yaml_parser_t parser;
   json_object *stack[JSON_MAX_DEPTH + 1];
   char *keys[JSON_MAX_DEPTH + 1];
   int depth = 0;
   json_object *root = NULL;
-  bool have_root = false, done = false;
+  bool done = false, in_document = false;
   int result = 0;
 
-  if (!yaml_parser_initialize(&parser))
-    abort();
-  yaml_parser_set_input_string(&parser, (const unsigned char *) data, len);
   memset(keys, 0, sizeof(keys));
+  *ret_stream_end = false;
 
   while (!done) {
     yaml_event_t ev;
-    if (!yaml_parser_parse(&parser, &ev)) {
+    if (!yaml_parser_parse(parser, &ev)) {
       result = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: invalid YAML at line %zu: %s", what,
-                                 parser.problem_mark.line + 1, parser.problem ? parser.problem : "syntax error");
+                                 parser->problem_mark.line + 1, parser->problem ? parser->problem : "syntax error");
       break;
     }
     json_object *value = NULL;
     bool is_value = false;
     switch (ev.type) {
     case YAML_STREAM_END_EVENT:
+      if (!in_document)
+        *ret_stream_end = true;
       done = true;
       break;
+    case YAML_DOCUMENT_START_EVENT:
+      in_document = true;
+      break;
     case YAML_DOCUMENT_END_EVENT:
-      /* Only the first document counts. */
       done = true;
       break;
     case YAML_ALIAS_EVENT:
@@ -152,15 +156,14 @@ int yaml_parse(const char *data, size_t len, const char *what, json_object **ret
       break;
     if (is_value) {
       if (depth == 0) {
+        json_object_put(root);
         root = value;
-        have_root = true;
       } else if (yaml_add(stack[depth - 1], &keys[depth - 1], value) < 0) {
         result = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: a mapping key must be a scalar", what);
         break;
       }
     }
   }
-  yaml_parser_delete(&parser);
   while (depth > 0) {
     depth--;
     free(keys[depth]);
@@ -170,11 +173,62 @@ int yaml_parse(const char *data, size_t len, const char *what, json_object **ret
     json_object_put(root);
     return result;
   }
-  if (!have_root || !root) {
-    json_object_put(root);
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: empty document", what);
-  }
   *ret = root;
+  return 0;
+}
+
+int yaml_parse(const char *data, size_t len, const char *what, json_object **ret, crimage_error **err)
+{
+  yaml_parser_t parser;
+  json_object *root = NULL;
+  bool stream_end = false;
+
+  if (!yaml_parser_initialize(&parser))
+    abort();
+  yaml_parser_set_input_string(&parser, (const unsigned char *) data, len);
+  /* Only the first document counts. */
+  int r = yaml_parse_document(&parser, what, &root, &stream_end, err);
+  yaml_parser_delete(&parser);
+  if (r < 0)
+    return r;
+  if (!root)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: empty document", what);
+  *ret = root;
+  return 0;
+}
+
+int yaml_parse_all(const char *data, size_t len, const char *what, size_t max_documents, json_object **ret,
+                   crimage_error **err)
+{
+  yaml_parser_t parser;
+  json_object *docs = json_object_new_array();
+  int r = 0;
+
+  if (!yaml_parser_initialize(&parser))
+    abort();
+  yaml_parser_set_input_string(&parser, (const unsigned char *) data, len);
+  for (size_t index = 1;; index++) {
+    json_object *doc = NULL;
+    bool stream_end = false;
+    cleanup_free char *doc_what = xasprintf("%s (document %zu)", what, index);
+    r = yaml_parse_document(&parser, doc_what, &doc, &stream_end, err);
+    if (r < 0 || stream_end)
+      break;
+    if (!doc)
+      continue; /* an empty document, e.g. a leading or trailing "---" */
+    if (json_object_array_length(docs) >= max_documents) {
+      json_object_put(doc);
+      r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: more than %zu documents", what, max_documents);
+      break;
+    }
+    json_object_array_add(docs, doc);
+  }
+  yaml_parser_delete(&parser);
+  if (r < 0) {
+    json_object_put(docs);
+    return r;
+  }
+  *ret = docs;
   return 0;
 }
 

@@ -24,6 +24,10 @@ int json_parse(const char *data, size_t len, const char *what, json_object **ret
 /* Parses one YAML document into json-c objects: mappings -> objects, sequences -> arrays, plain scalars that look
  * like null/bool/int/float get that type, everything else is a string. JSON is YAML, so this reads both. */
 int yaml_parse(const char *data, size_t len, const char *what, json_object **ret, crimage_error **err);
+/* Parses every document of a YAML stream ("---"-separated) into a json-c array, in order; empty documents are
+ * skipped, so the array may be empty. At most max_documents documents. */
+int yaml_parse_all(const char *data, size_t len, const char *what, size_t max_documents, json_object **ret,
+                   crimage_error **err);
 /* Reads a file (at most max_size bytes) and parses it with yaml_parse. */
 int yaml_parse_file(const char *path, size_t max_size, json_object **ret, crimage_error **err);
 

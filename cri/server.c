@@ -500,10 +500,11 @@ void rpc_server_shutdown(rpc_server *s, int grace_ms)
       break;
   bool busy = s->active > 0;
   pthread_mutex_unlock(&s->lock);
-  if (busy) {
+  if (busy)
     log_info("cancelling calls still running after the %d ms grace period", grace_ms);
-    grpc_server_cancel_all_calls(s->server);
-  }
+  /* Also disconnects idle clients: the shutdown completes only once every connection is gone, and a client that
+   * keeps its channel open would otherwise hold it up. */
+  grpc_server_cancel_all_calls(s->server);
   pthread_mutex_lock(&s->lock);
   while (s->active > 0)
     pthread_cond_wait(&s->idle, &s->lock);
