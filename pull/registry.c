@@ -1,5 +1,6 @@
 /* Registry HTTP client. Every transfer is a curl easy handle attached to the client's share handle, so TCP/TLS
- * connections, DNS answers and TLS sessions are reused across requests and threads. Authentication is curl's own
+ * connections, DNS answers and TLS sessions are reused across requests and threads. Bearer tokens live in a cache
+ * of the client, shared by all its repos. Authentication is curl's own
  * (CURLAUTH_BASIC / CURLAUTH_BEARER) rather than a hand-made header: curl then refuses to send it to another host
  * when a redirect leads to blob storage (CURLOPT_UNRESTRICTED_AUTH stays off). */
 #include "pull/registry.h"
@@ -27,6 +28,17 @@ struct registry_client {
   char *user_agent;
   long low_speed_time_s;
   long connect_timeout_ms;
+  int64_t min_speed;      /* bytes/s, 0 = no floor */
+  int64_t min_speed_window_ms;
+
+  /* Bearer tokens shared by every repo of the client. The key is a sha256 over realm, service, scope and the
+   * credential's secrets, so no secret is kept in clear beside the token itself. */
+  pthread_mutex_t token_lock;
+  struct token_entry {
+    char key[DIGEST_MAX_LEN + 1]; /* "" = free slot */
+    char *token;                  /* secret */
+    int64_t expiry_ms;            /* monotonic: the token is not used from then on */
+  } tokens[REGISTRY_TOKEN_CACHE_SIZE];
 };
 
 typedef enum auth_kind {
@@ -79,6 +91,7 @@ int registry_client_new(const registry_client_options *opts, registry_client **r
   registry_client *c = xcalloc(1, sizeof(*c));
   for (size_t i = 0; i < ARRAY_SIZE(c->locks); i++)
     pthread_mutex_init(&c->locks[i], NULL);
+  pthread_mutex_init(&c->token_lock, NULL);
   c->share = curl_share_init();
   if (!c->share) {
     registry_client_free(c);
@@ -96,6 +109,11 @@ int registry_client_new(const registry_client_options *opts, registry_client **r
   int64_t pt = opts->progress_timeout_ms > 0 ? opts->progress_timeout_ms : 5 * 60 * 1000;
   c->low_speed_time_s = (long) ((pt + 999) / 1000);
   c->connect_timeout_ms = opts->connect_timeout_ms > 0 ? (long) opts->connect_timeout_ms : 30000;
+  if (opts->min_speed_bytes_per_s == 0)
+    c->min_speed = 1024;
+  else
+    c->min_speed = opts->min_speed_bytes_per_s < 0 ? 0 : opts->min_speed_bytes_per_s;
+  c->min_speed_window_ms = opts->min_speed_window_ms > 0 ? opts->min_speed_window_ms : 30000;
   *ret = c;
   return 0;
 }
@@ -108,6 +126,9 @@ void registry_client_free(registry_client *c)
     curl_share_cleanup(c->share);
   for (size_t i = 0; i < ARRAY_SIZE(c->locks); i++)
     pthread_mutex_destroy(&c->locks[i]);
+  for (size_t i = 0; i < ARRAY_SIZE(c->tokens); i++)
+    secret_free(c->tokens[i].token);
+  pthread_mutex_destroy(&c->token_lock);
   free(c->certs_dir);
   free(c->user_agent);
   free(c);
@@ -374,6 +395,7 @@ static void sanitize(const char *in, char *out, size_t size)
 
 typedef struct xfer_ctx {
   CURL *h;
+  registry_client *client;
   const registry_xfer *x;
   /* body destinations: a bounded buffer or a sink */
   dynbuf *body;
@@ -387,6 +409,11 @@ typedef struct xfer_ctx {
   bool header_too_big;
   bool bad_range; /* a 206 that does not start at the offset asked for */
   bool cancelled;
+  bool too_slow;  /* below the throughput floor */
+  int64_t window_start_ms; /* throughput window: when it started (0 = no body yet) and the bytes by then */
+  uint64_t window_start_bytes;
+  const char *post; /* a form body to POST (the OAuth2 token request); NULL = GET */
+  bool head;        /* HEAD: headers only (registry_head_manifest) */
   int sink_r;
   crimage_error *sink_err;
   dynbuf errbody; /* body of a non-2xx response */
@@ -442,6 +469,8 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userdata)
   }
   if (!ctx->body_started) {
     ctx->body_started = true;
+    ctx->window_start_ms = now_monotonic_ms();
+    ctx->window_start_bytes = 0;
     if (ctx->offset > 0 && status != 206 && ctx->sink && ctx->sink->restart) {
       /* The server ignored the Range request and sends the whole blob. */
       ctx->sink_r = ctx->sink->restart(ctx->sink->userdata, &ctx->sink_err);
@@ -478,6 +507,22 @@ static int xferinfo_cb(void *userdata, curl_off_t dltotal, curl_off_t dlnow, cur
   if (ctx->x && ctx->x->cancelled && ctx->x->cancelled(ctx->x->userdata)) {
     ctx->cancelled = true;
     return 1;
+  }
+  /* The throughput floor, measured on the body only: a registry that takes long to start answering is the
+   * no-progress timeout's business, one that trickles is this one's. */
+  registry_client *c = ctx->client;
+  if (c && c->min_speed > 0 && ctx->window_start_ms > 0) {
+    int64_t now = now_monotonic_ms();
+    int64_t elapsed = now - ctx->window_start_ms;
+    if (elapsed >= c->min_speed_window_ms) {
+      uint64_t bytes = ctx->received - ctx->window_start_bytes;
+      if ((int64_t) (bytes * 1000 / (uint64_t) elapsed) < c->min_speed) {
+        ctx->too_slow = true;
+        return 1;
+      }
+      ctx->window_start_ms = now;
+      ctx->window_start_bytes = ctx->received;
+    }
   }
   return 0;
 }
@@ -570,6 +615,7 @@ static CURLcode perform(registry_repo *r, const char *url, const char *accept, c
   if (!h)
     return CURLE_OUT_OF_MEMORY;
   ctx->h = h;
+  ctx->client = c;
   ctx->errbuf[0] = 0;
   struct curl_slist *hdrs = NULL;
 
@@ -600,6 +646,13 @@ static CURLcode perform(registry_repo *r, const char *url, const char *accept, c
   if (accept) {
     cleanup_free char *a = xasprintf("Accept: %s", accept);
     hdrs = curl_slist_append(hdrs, a);
+  }
+  if (ctx->head)
+    curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+  if (ctx->post) {
+    /* application/x-www-form-urlencoded, curl's default for POSTFIELDS; the pointer stays valid during perform */
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, ctx->post);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long) strlen(ctx->post));
   }
   if (ctx->offset > 0) {
     char range[64];
@@ -656,9 +709,25 @@ static int transfer_error(registry_repo *r, const char *what, xfer_ctx *ctx, CUR
     return crimage_error_set(err, ctx->sink ? CRIMAGE_DATA_LOSS : CRIMAGE_INVALID_ARGUMENT, 0,
                              "registry %s: %s: response larger than the limit of %" PRId64 " bytes", r->host, what,
                              ctx->limit >= 0 ? ctx->limit : (int64_t) ctx->body->max);
+  if (ctx->too_slow)
+    return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0,
+                             "registry %s: %s: slower than %" PRId64 " bytes/s over %" PRId64 " s (%" PRIu64
+                             " bytes received)",
+                             r->host, what, r->client->min_speed, r->client->min_speed_window_ms / 1000,
+                             ctx->received);
   if (cc == CURLE_OPERATION_TIMEDOUT)
     return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "registry %s: %s: no progress for %ld s", r->host,
                              what, r->client->low_speed_time_s);
+  if (cc == CURLE_PEER_FAILED_VERIFICATION || cc == CURLE_SSL_CACERT_BADFILE || cc == CURLE_SSL_CONNECT_ERROR ||
+      cc == CURLE_SSL_CERTPROBLEM || cc == CURLE_SSL_ISSUER_ERROR) {
+    char msg[CURL_ERROR_SIZE];
+    sanitize(ctx->errbuf[0] ? ctx->errbuf : curl_easy_strerror(cc), msg, sizeof(msg));
+    return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0,
+                             "registry %s: %s: TLS error: %s (a private CA goes in %s/%s/ca.crt, a client "
+                             "certificate in client.cert and client.key there)",
+                             r->host, what, msg, r->client->certs_dir ? r->client->certs_dir : "<certsDir>",
+                             r->host);
+  }
   if (cc == CURLE_TOO_MANY_REDIRECTS)
     return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "registry %s: %s: more than %d redirects", r->host, what,
                              REGISTRY_MAX_REDIRECTS);
@@ -690,86 +759,265 @@ static int transfer_error(registry_repo *r, const char *what, xfer_ctx *ctx, CUR
 
 /* ---- tokens ---- */
 
-static int fetch_token(registry_repo *r, const auth_challenge *ch, crimage_error **err)
+static void token_cache_key(const char *realm, const char *service, const char *scope, const credential *cred,
+                            char out[DIGEST_MAX_LEN + 1])
+{
+  /* Fields are NUL-separated so ("ab","c") and ("a","bc") differ. The credential enters only through the hash. */
+  digester *d = digester_new("sha256");
+  const char *parts[] = {realm, service ? service : "", scope,
+                         cred ? (cred->username ? cred->username : "") : "\x01anonymous",
+                         cred ? (cred->password ? cred->password : "") : "",
+                         cred ? (cred->identity_token ? cred->identity_token : "") : ""};
+  for (size_t i = 0; i < ARRAY_SIZE(parts); i++)
+    digester_update(d, parts[i], strlen(parts[i]) + 1);
+  digester_final(d, out);
+  digester_free(d);
+}
+
+/* A copy of the cached token for key, with its expiry, or NULL. */
+static char *token_cache_get(registry_client *c, const char *key, int64_t *ret_expiry)
+{
+  char *token = NULL;
+  int64_t now = now_monotonic_ms();
+  pthread_mutex_lock(&c->token_lock);
+  for (size_t i = 0; i < ARRAY_SIZE(c->tokens); i++)
+    if (c->tokens[i].token && streq(c->tokens[i].key, key) && c->tokens[i].expiry_ms > now) {
+      token = xstrdup(c->tokens[i].token);
+      *ret_expiry = c->tokens[i].expiry_ms;
+      break;
+    }
+  pthread_mutex_unlock(&c->token_lock);
+  return token;
+}
+
+/* Stores a token: over the entry with the same key, else in a free or expired slot, else over the entry closest to
+ * its expiry, so the cache stays bounded. */
+static void token_cache_put(registry_client *c, const char *key, const char *token, int64_t expiry_ms)
+{
+  int64_t now = now_monotonic_ms();
+  pthread_mutex_lock(&c->token_lock);
+  struct token_entry *slot = NULL;
+  for (size_t i = 0; i < ARRAY_SIZE(c->tokens) && !slot; i++)
+    if (c->tokens[i].token && streq(c->tokens[i].key, key))
+      slot = &c->tokens[i];
+  for (size_t i = 0; i < ARRAY_SIZE(c->tokens) && !slot; i++)
+    if (!c->tokens[i].token || c->tokens[i].expiry_ms <= now)
+      slot = &c->tokens[i];
+  if (!slot) {
+    slot = &c->tokens[0];
+    for (size_t i = 1; i < ARRAY_SIZE(c->tokens); i++)
+      if (c->tokens[i].expiry_ms < slot->expiry_ms)
+        slot = &c->tokens[i];
+  }
+  secret_free(slot->token);
+  snprintf(slot->key, sizeof(slot->key), "%s", key);
+  slot->token = xstrdup(token);
+  slot->expiry_ms = expiry_ms;
+  pthread_mutex_unlock(&c->token_lock);
+}
+
+/* "2026-11-26T16:00:00Z" or with fractional seconds -> seconds since the epoch; -1 when it is not RFC 3339 UTC. */
+static int64_t parse_issued_at(const char *s)
+{
+  struct tm tm = {0};
+  const char *p = s ? strptime(s, "%Y-%m-%dT%H:%M:%S", &tm) : NULL;
+  if (!p)
+    return -1;
+  if (*p == '.')
+    for (p++; isdigit((unsigned char) *p); p++)
+      ;
+  if (!streq(p, "Z"))
+    return -1;
+  return (int64_t) timegm(&tm);
+}
+
+/* Appends "&name=<value URL-encoded>" (without the '&' for the first) to a form body. */
+static void form_add(dynbuf *b, const char *name, const char *value)
+{
+  char *e = curl_easy_escape(NULL, value, 0);
+  (void) dynbuf_printf(b, "%s%s=%s", b->len ? "&" : "", name, e ? e : "");
+  if (e)
+    explicit_bzero(e, strlen(e));
+  curl_free(e);
+}
+
+/* One token request (POST when form is set, else GET url with Basic from `basic` if set). Returns 0 with the HTTP
+ * status (any), or a negative errno when the request did not complete. */
+static int token_request(registry_repo *r, const char *what, const char *url, const char *form,
+                         const credential *basic, dynbuf *body, long *ret_status, crimage_error **err)
+{
+  xfer_ctx ctx = {.body = body, .limit = -1, .post = form};
+  dynbuf_init(&ctx.errbody, REGISTRY_MAX_ERROR_BODY);
+  dynbuf_init(&ctx.headers, REGISTRY_MAX_HEADER_BYTES);
+  long status = 0;
+  dynbuf_reset(body);
+  CURLcode cc = perform(r, url, "application/json", NULL, basic, &ctx, &status);
+  int ret = 0;
+  if (cc != CURLE_OK || (status >= 500 && status < 600))
+    ret = transfer_error(r, what, &ctx, cc, status, err);
+  else
+    *ret_status = status;
+  dynbuf_free(&ctx.errbody);
+  dynbuf_free(&ctx.headers);
+  if (ctx.sink_err)
+    crimage_error_clear(&ctx.sink_err);
+  return ret;
+}
+
+/* Gets a Bearer token for the challenge (distribution token spec): from the client's cache when use_cache and it
+ * holds a live one, else from the realm. With a secret, the OAuth2 POST first (grant_type=password, or
+ * refresh_token for an identity token), falling back to a GET with Basic auth when the server does not do OAuth2
+ * (400/401/404/405); anonymous: a GET. */
+static int fetch_token(registry_repo *r, const auth_challenge *ch, bool use_cache, bool *ret_from_cache,
+                       crimage_error **err)
 {
   const char *realm = auth_challenge_param(ch, "realm");
   const char *service = auth_challenge_param(ch, "service");
   const char *scope = auth_challenge_param(ch, "scope");
+  *ret_from_cache = false;
   if (str_empty(realm) || (!str_has_prefix(realm, "https://") && !str_has_prefix(realm, "http://")))
     return crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0,
                              "registry %s: Bearer challenge without a valid http(s) realm", r->host);
+  if (strlen(realm) > 2048 || (service && strlen(service) > 1024) || (scope && strlen(scope) > 4096))
+    return crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0, "registry %s: Bearer challenge too long", r->host);
   cleanup_free char *default_scope = xasprintf("repository:%s:pull", r->name);
   if (str_empty(scope))
     scope = default_scope;
+  char srealm[256];
+  sanitize(realm, srealm, sizeof(srealm));
 
-  CURL *esc = curl_easy_init();
-  if (!esc)
-    return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "curl_easy_init failed");
-  char *e_service = service ? curl_easy_escape(esc, service, 0) : NULL;
-  char *e_scope = curl_easy_escape(esc, scope, 0);
-  curl_easy_cleanup(esc);
-  cleanup_free char *url = xasprintf("%s%s%s%s%sscope=%s", realm, strchr(realm, '?') ? "&" : "?",
-                                     e_service ? "service=" : "", e_service ? e_service : "", e_service ? "&" : "",
-                                     e_scope ? e_scope : "");
-  curl_free(e_service);
-  curl_free(e_scope);
+  const credential *cred = r->cred;
+  bool has_identity = cred && !str_empty(cred->identity_token);
+  bool has_password = cred && !str_empty(cred->username) && !str_empty(cred->password);
+  char key[DIGEST_MAX_LEN + 1];
+  token_cache_key(realm, service, scope, (has_identity || has_password) ? cred : NULL, key);
+
+  int64_t expiry = 0;
+  if (use_cache) {
+    char *cached = token_cache_get(r->client, key, &expiry);
+    if (cached) {
+      pthread_mutex_lock(&r->lock);
+      secret_free(r->token);
+      r->token = cached;
+      r->auth = AUTH_BEARER;
+      r->token_expiry_ms = expiry;
+      r->auth_generation++;
+      pthread_mutex_unlock(&r->lock);
+      *ret_from_cache = true;
+      return 0;
+    }
+  }
+
+  cleanup_dynbuf dynbuf q;
+  dynbuf_init(&q, 16384);
+  if (service)
+    form_add(&q, "service", service);
+  form_add(&q, "scope", scope);
+  cleanup_free char *get_url = xasprintf("%s%s%s", realm, strchr(realm, '?') ? "&" : "?", q.data ? q.data : "");
+  cleanup_free char *what = xasprintf("token request to %s", srealm);
 
   cleanup_dynbuf dynbuf body;
   dynbuf_init(&body, REGISTRY_MAX_TOKEN_BODY);
-  xfer_ctx ctx = {.body = &body, .limit = -1};
-  dynbuf_init(&ctx.errbody, REGISTRY_MAX_ERROR_BODY);
-  dynbuf_init(&ctx.headers, REGISTRY_MAX_HEADER_BYTES);
-  const credential *basic = (r->cred && !str_empty(r->cred->username)) ? r->cred : NULL;
   long status = 0;
-  CURLcode cc = perform(r, url, "application/json", NULL, basic, &ctx, &status);
   int ret = 0;
-  if (cc != CURLE_OK || status < 200 || status >= 300) {
-    if (cc == CURLE_OK && (status == 401 || status == 403))
-      ret = crimage_error_set(err, status == 401 ? CRIMAGE_UNAUTHENTICATED : CRIMAGE_PERMISSION_DENIED, 0,
-                              "registry %s: token request: HTTP %ld (credentials %s)", r->host, status,
-                              basic ? (basic->source ? basic->source : "given") : "none");
-    else
-      ret = transfer_error(r, "token request", &ctx, cc, status, err);
-    goto out;
+  bool got = false;
+  if (has_identity || has_password) {
+    cleanup_dynbuf dynbuf form;
+    dynbuf_init(&form, 256 * 1024);
+    if (has_identity) {
+      form_add(&form, "grant_type", "refresh_token");
+      form_add(&form, "refresh_token", cred->identity_token);
+    } else {
+      form_add(&form, "grant_type", "password");
+      form_add(&form, "username", cred->username);
+      form_add(&form, "password", cred->password);
+    }
+    form_add(&form, "client_id", REGISTRY_OAUTH_CLIENT_ID);
+    if (service)
+      form_add(&form, "service", service);
+    form_add(&form, "scope", scope);
+    ret = token_request(r, what, realm, form.data ? form.data : "", NULL, &body, &status, err);
+    if (form.data)
+      explicit_bzero(form.data, form.len);
+    if (ret < 0)
+      goto out;
+    if (status >= 200 && status < 300)
+      got = true;
+    else if (!(status == 400 || status == 401 || status == 404 || status == 405) || !has_password) {
+      ret = crimage_error_set(err, status == 403 ? CRIMAGE_PERMISSION_DENIED : CRIMAGE_UNAUTHENTICATED, 0,
+                              "registry %s: %s (OAuth2 %s grant): HTTP %ld: credentials (%s) rejected", r->host,
+                              what, has_identity ? "refresh_token" : "password", status,
+                              cred->source ? cred->source : "request");
+      goto out;
+    } else
+      log_debug("registry %s: %s: OAuth2 POST answered HTTP %ld, falling back to GET", r->host, what, status);
+  }
+  if (!got) {
+    ret = token_request(r, what, get_url, NULL, has_password ? cred : NULL, &body, &status, err);
+    if (ret < 0)
+      goto out;
+    if (status < 200 || status >= 300) {
+      ret = crimage_error_set(err, status == 403 ? CRIMAGE_PERMISSION_DENIED : CRIMAGE_UNAUTHENTICATED, 0,
+                              "registry %s: %s: HTTP %ld: %s", r->host, what, status,
+                              has_password ? (status == 401 || status == 403 ? "credentials rejected"
+                                                                              : "token refused")
+                                           : "anonymous token refused (no credentials given)");
+      if (has_password && cred->source)
+        crimage_error_wrap(err, "credentials from %s", cred->source);
+      goto out;
+    }
   }
   {
     cleanup_json json_object *root = NULL;
     ret = json_parse(body.data ? body.data : "", body.len, "token response", &root, err);
-    if (ret < 0)
+    if (ret < 0) {
+      crimage_error_wrap(err, "registry %s: %s", r->host, what);
       goto out;
+    }
     const char *token = json_get_string(root, "token");
     if (str_empty(token))
       token = json_get_string(root, "access_token");
     if (str_empty(token) || strlen(token) > 64 * 1024) {
-      ret = crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0, "registry %s: token response without a token",
-                              r->host);
+      ret = crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0, "registry %s: %s: response without a token",
+                              r->host, what);
       goto out;
     }
     int64_t expires_in = 0;
-    if (!json_get_int64(root, "expires_in", &expires_in) || expires_in < 60)
-      expires_in = 60; /* the distribution token spec's default */
+    if (!json_get_int64(root, "expires_in", &expires_in) || expires_in <= 0)
+      expires_in = 60; /* the token spec's default */
+    if (expires_in > 24 * 3600)
+      expires_in = 24 * 3600;
+    /* With issued_at the lifetime counts from then (a token server whose answer took long, or a cached one). */
+    int64_t lifetime_ms = expires_in * 1000;
+    int64_t issued = parse_issued_at(json_get_string(root, "issued_at"));
+    if (issued > 0) {
+      int64_t left = (issued + expires_in) * 1000 - now_realtime_ns() / 1000000;
+      if (left < lifetime_ms)
+        lifetime_ms = left > 0 ? left : 0;
+    }
+    /* Renew a little early so a request does not start with a token about to expire. */
+    int64_t margin = lifetime_ms >= 40000 ? 10000 : lifetime_ms / 4;
+    expiry = now_monotonic_ms() + lifetime_ms - margin;
+    token_cache_put(r->client, key, token, expiry);
     pthread_mutex_lock(&r->lock);
     secret_free(r->token);
     r->token = xstrdup(token);
     r->auth = AUTH_BEARER;
-    /* Renew a little early so a request does not start with a token about to expire. */
-    r->token_expiry_ms = now_monotonic_ms() + (expires_in - 10) * 1000;
+    r->token_expiry_ms = expiry;
     r->auth_generation++;
     pthread_mutex_unlock(&r->lock);
-    /* The token response body holds the secret: wipe it. */
-    explicit_bzero(body.data, body.len);
   }
 out:
-  dynbuf_free(&ctx.errbody);
-  dynbuf_free(&ctx.headers);
   if (body.data)
     explicit_bzero(body.data, body.len);
   return ret;
 }
 
 /* Reacts to a 401: picks the challenge we can answer (Bearer first, then Basic with a credential). */
-static int authenticate(registry_repo *r, const char *www_authenticate, unsigned generation, crimage_error **err)
+static int authenticate(registry_repo *r, const char *www_authenticate, unsigned generation, bool use_cache,
+                        bool *ret_from_cache, crimage_error **err)
 {
+  *ret_from_cache = false;
   pthread_mutex_lock(&r->lock);
   bool changed = r->auth_generation != generation;
   pthread_mutex_unlock(&r->lock);
@@ -793,7 +1041,7 @@ static int authenticate(registry_repo *r, const char *www_authenticate, unsigned
       basic = &ch[i];
   }
   if (bearer) {
-    ret = fetch_token(r, bearer, err);
+    ret = fetch_token(r, bearer, use_cache, ret_from_cache, err);
   } else if (basic && r->cred && !str_empty(r->cred->username)) {
     pthread_mutex_lock(&r->lock);
     if (r->auth == AUTH_BASIC)
@@ -861,7 +1109,9 @@ static int repo_get(registry_repo *r, const char *path, const char *what, const 
   dynbuf_init(&ctx->errbody, REGISTRY_MAX_ERROR_BODY);
   dynbuf_init(&ctx->headers, REGISTRY_MAX_HEADER_BYTES);
   int ret = 0;
-  bool authenticated = false;
+  /* At most two answers to a 401: the second only when the first took a cached token the registry refused. */
+  int auth_rounds = 0;
+  bool last_from_cache = false;
   int retries = 0;
   uint64_t offset = ctx->offset;
   for (;;) {
@@ -873,10 +1123,10 @@ static int repo_get(registry_repo *r, const char *path, const char *what, const 
     unsigned generation = auth.generation;
     auth_snapshot_clear(&auth);
     if (cc == CURLE_OK && !ctx->body_started) {
-      if (status == 401 && !authenticated) {
-        authenticated = true;
+      if (status == 401 && (auth_rounds == 0 || (auth_rounds == 1 && last_from_cache))) {
         cleanup_free char *challenge = header_get(ctx, "WWW-Authenticate");
-        ret = authenticate(r, challenge, generation, err);
+        ret = authenticate(r, challenge, generation, auth_rounds == 0, &last_from_cache, err);
+        auth_rounds++;
         if (ret < 0)
           break;
         dynbuf_reset(&ctx->errbody);
@@ -955,4 +1205,58 @@ int registry_get_blob(registry_repo *r, const char *digest, uint64_t offset, int
   xfer_ctx ctx = {.x = x, .sink = sink, .offset = offset, .limit = size >= 0 ? size - (int64_t) offset : -1,
                   .total = size};
   return repo_get(r, path, what, NULL, &ctx, NULL, err);
+}
+
+int registry_head_manifest(registry_repo *r, const char *reference, const registry_xfer *x, char **ret_digest,
+                           char **ret_content_type, int64_t *ret_size, crimage_error **err)
+{
+  if (!reference_safe(reference))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid manifest reference");
+  cleanup_free char *url = xasprintf("%s/%s/manifests/%s", r->base, r->name, reference);
+  cleanup_free char *what = xasprintf("manifest %s:%s (HEAD)", r->name, reference);
+  cleanup_dynbuf dynbuf none;
+  dynbuf_init(&none, 0);
+  xfer_ctx ctx = {.x = x, .body = &none, .limit = -1, .head = true};
+  dynbuf_init(&ctx.errbody, REGISTRY_MAX_ERROR_BODY);
+  dynbuf_init(&ctx.headers, REGISTRY_MAX_HEADER_BYTES);
+  int ret = 0;
+  bool authenticated = false;
+  for (;;) {
+    /* Like repo_get, but one try: a HEAD only saves a GET, and a failure leaves the caller to do that GET. */
+    auth_snapshot auth = {0};
+    auth_take_snapshot(r, &auth);
+    long status = 0;
+    CURLcode cc = perform(r, url, MANIFEST_ACCEPT, &auth, NULL, &ctx, &status);
+    unsigned generation = auth.generation;
+    auth_snapshot_clear(&auth);
+    if (cc == CURLE_OK && status == 401 && !authenticated) {
+      authenticated = true;
+      cleanup_free char *challenge = header_get(&ctx, "WWW-Authenticate");
+      bool from_cache = false;
+      ret = authenticate(r, challenge, generation, true, &from_cache, err);
+      if (ret < 0)
+        break;
+      dynbuf_reset(&ctx.headers);
+      continue;
+    }
+    if (cc != CURLE_OK || status < 200 || status >= 300) {
+      ret = transfer_error(r, what, &ctx, cc, status, err);
+      break;
+    }
+    cleanup_free char *digest = header_get(&ctx, "Docker-Content-Digest");
+    cleanup_free char *len = header_get(&ctx, "Content-Length");
+    char *end = NULL;
+    long long size = len ? strtoll(len, &end, 10) : -1;
+    if (!len || end == len || *end || size < 0)
+      size = -1;
+    *ret_digest = digest && digest_valid(digest) ? TAKE_PTR(digest) : NULL;
+    if (ret_content_type)
+      *ret_content_type = header_get(&ctx, "Content-Type");
+    if (ret_size)
+      *ret_size = size;
+    break;
+  }
+  dynbuf_free(&ctx.errbody);
+  dynbuf_free(&ctx.headers);
+  return ret;
 }

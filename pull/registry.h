@@ -1,7 +1,8 @@
 /* A registry HTTP client (OCI distribution spec) on libcurl: one client per daemon shares connections, DNS and TLS
  * sessions between every transfer; a registry_repo is one repository on one endpoint with its authentication state
- * (anonymous, Basic, or a Bearer token from the WWW-Authenticate challenge). Thread-safe: several threads may
- * transfer through one repo at once. */
+ * (anonymous, Basic, or a Bearer token from the WWW-Authenticate challenge: with a secret an OAuth2 POST to the
+ * realm, falling back to a GET with Basic auth; tokens are cached per client by realm, service, scope and
+ * credential until they expire). Thread-safe: several threads may transfer through one repo at once. */
 #ifndef CRIMAGE_PULL_REGISTRY_H
 #define CRIMAGE_PULL_REGISTRY_H
 
@@ -26,7 +27,15 @@ typedef struct registry_client_options {
   const char *user_agent;      /* NULL = "crimage/<version>" */
   int64_t progress_timeout_ms; /* no bytes for this long fails a request; <= 0 = 5 min */
   int64_t connect_timeout_ms;  /* <= 0 = 30 s */
+  /* A throughput floor per request: once a body has started, fewer than min_speed_bytes_per_s bytes per second
+   * averaged over min_speed_window_ms fail the request (a trickling connection cannot hold a pull for hours).
+   * 0 = default (1024 B/s), < 0 = no floor; window <= 0 = 30 s. */
+  int64_t min_speed_bytes_per_s;
+  int64_t min_speed_window_ms;
 } registry_client_options;
+
+#define REGISTRY_TOKEN_CACHE_SIZE 64 /* Bearer tokens kept per client, keyed by (realm, service, scope, credential) */
+#define REGISTRY_OAUTH_CLIENT_ID "crimage"
 
 typedef struct registry_client registry_client;
 
@@ -54,6 +63,13 @@ typedef struct registry_xfer {
  * bytes) is returned NUL-terminated with its Content-Type (may be NULL). */
 int registry_get_manifest(registry_repo *r, const char *reference, size_t max, const registry_xfer *x,
                           char **ret_body, size_t *ret_len, char **ret_content_type, crimage_error **err);
+
+/* HEAD /v2/<name>/manifests/<reference> with the same Accept: what a tag resolves to, without the body. *ret_digest
+ * is the Docker-Content-Digest header (NULL when the registry sends none or an invalid one: the caller then GETs the
+ * manifest); content type and size (Content-Length, -1 unknown) are optional. One 401 is answered; nothing is
+ * retried. */
+int registry_head_manifest(registry_repo *r, const char *reference, const registry_xfer *x, char **ret_digest,
+                           char **ret_content_type, int64_t *ret_size, crimage_error **err);
 
 /* Where a blob's bytes go. write returns 0 or a negative errno with *err set. restart is called when a server
  * answers a Range request with the whole blob (200 instead of 206): the sink must drop what it holds. */

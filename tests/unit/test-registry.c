@@ -119,6 +119,7 @@ typedef struct fixture {
   test_registry reg;  /* anonymous */
   test_registry areg; /* htpasswd */
   test_registry treg; /* token auth */
+  test_registry treg2; /* token auth: no OAuth2 POST (404), 2 s tokens, a refresh token */
   registry_client *client;
   char endpoint[128];
   char aendpoint[128];
@@ -132,8 +133,20 @@ static int group_setup(void **state)
     return -1;
   if (test_registry_start_mode(&f->treg, "token", "carol", "t0ken pass") < 0)
     return -1;
+  setenv("TOKEN_POST", "404", 1);
+  setenv("TOKEN_EXPIRES", "2", 1);
+  setenv("TOKEN_REFRESH", "rt-secret-1", 1);
+  int r2 = test_registry_start_mode(&f->treg2, "token", "dave", "pw&2=x");
+  unsetenv("TOKEN_POST");
+  unsetenv("TOKEN_EXPIRES");
+  unsetenv("TOKEN_REFRESH");
+  if (r2 < 0)
+    return -1;
   if (test_push_image(&f->reg, "test/alpha", "v1", "--layers 3 --user 1002", "") < 0 ||
       test_push_image(&f->treg, "tok/img", "v1", "--layers 2", "") < 0 ||
+      test_push_image(&f->treg, "tok/other", "v1", "--layers 1", "") < 0 ||
+      test_push_image(&f->reg, "test/big", "v1", "--layers 1 --layer-bytes 65536", "") < 0 ||
+      test_push_image(&f->treg2, "tok2/img", "v1", "--layers 1", "") < 0 ||
       test_push_image(&f->areg, "private/img", "v1", "--layers 1", "") < 0)
     return -1;
   snprintf(f->endpoint, sizeof(f->endpoint), "http://%s", f->reg.host);
@@ -152,6 +165,7 @@ static int group_teardown(void **state)
   test_registry_stop(&f->reg);
   test_registry_stop(&f->areg);
   test_registry_stop(&f->treg);
+  test_registry_stop(&f->treg2);
   free(f);
   return 0;
 }
@@ -395,8 +409,9 @@ static void test_bearer_token(void **state)
   crimage_error *err = NULL;
   const char *anon_line = "\"query\": \"service=crimage-test-registry&scope=repository%3Atok%2Fimg%3Apull\", "
                           "\"auth\": \"\"";
-  const char *basic_line = "\"query\": \"service=crimage-test-registry&scope=repository%3Atok%2Fimg%3Apull\", "
-                           "\"auth\": \"Basic\"";
+  const char *post_line = "\"method\": \"POST\", \"grant_type\": \"password\", \"client_id\": \"crimage\", "
+                          "\"service\": \"crimage-test-registry\", \"scope\": \"repository:tok/img:pull\", "
+                          "\"username\": \"carol\"";
 
   /* anonymous: the challenge leads to an anonymous token GET with service and scope URL-encoded */
   registry_repo *r = repo_open(f, ep, f->treg.host, "tok/img", NULL);
@@ -427,7 +442,7 @@ static void test_bearer_token(void **state)
   manifest_free(m);
   registry_repo_free(r);
 
-  /* with a credential the token GET carries Basic auth */
+  /* with a credential: the OAuth2 POST (grant_type=password), no GET */
   credential *c = credential_new();
   c->username = xstrdup("carol");
   c->password = xstrdup("t0ken pass");
@@ -437,7 +452,10 @@ static void test_bearer_token(void **state)
   free(body);
   free(ct);
   log = read_all(f->treg.token_log);
-  assert_int_equal(count(log, basic_line), 1);
+  assert_int_equal(count(log, post_line), 1);
+  assert_int_equal(count(log, "\"auth\": \"Basic\""), 0);
+  /* (skopeo's push asked for "pull,push" tokens; ours is the anonymous GET above) */
+  assert_int_equal(count(log, "\"method\": \"GET\", \"scope\": \"repository:tok/img:pull\"}"), 1);
   free(log);
   registry_repo_free(r);
 
@@ -448,10 +466,241 @@ static void test_bearer_token(void **state)
   assert_true(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err) < 0);
   assert_int_equal(err->status, CRIMAGE_UNAUTHENTICATED);
   assert_non_null(strstr(err->message, "token request"));
+  assert_non_null(strstr(err->message, "credentials"));
+  assert_non_null(strstr(err->message, "HTTP 401"));
   assert_null(strstr(err->message, "bad-secret"));
   crimage_error_clear(&err);
   registry_repo_free(r);
   credential_free(c);
+}
+
+static void get_ok(registry_repo *r, const char *ref)
+{
+  char *body = NULL, *ct = NULL;
+  size_t len = 0;
+  crimage_error *err = NULL;
+  if (registry_get_manifest(r, ref, MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err) < 0)
+    fail_msg("%s", err->message);
+  free(body);
+  free(ct);
+}
+
+/* Tokens are cached per client across repos, keyed by scope: another repository needs its own token, the same
+ * repository through a new repo object does not. */
+static void test_token_scope_cache(void **state)
+{
+  fixture *f = *state;
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s", f->treg.host);
+  char *log0 = read_all(f->treg.token_log);
+  size_t before_img = count(log0, "\"scope\": \"repository:tok/img:pull\"");
+  size_t before_other = count(log0, "\"scope\": \"repository:tok/other:pull\"");
+  free(log0);
+
+  registry_repo *r = repo_open(f, ep, f->treg.host, "tok/other", NULL);
+  get_ok(r, "v1");
+  registry_repo_free(r);
+  r = repo_open(f, ep, f->treg.host, "tok/other", NULL);
+  get_ok(r, "v1");
+  registry_repo_free(r);
+  r = repo_open(f, ep, f->treg.host, "tok/img", NULL); /* anonymous token of test_bearer_token, cached */
+  get_ok(r, "v1");
+  registry_repo_free(r);
+
+  char *log = read_all(f->treg.token_log);
+  assert_int_equal(count(log, "\"scope\": \"repository:tok/other:pull\""), before_other + 1);
+  assert_int_equal(count(log, "\"scope\": \"repository:tok/img:pull\""), before_img);
+  free(log);
+
+  /* a credential is part of the key: the same scope with a password is a new token */
+  credential *c = credential_new();
+  c->username = xstrdup("carol");
+  c->password = xstrdup("t0ken pass");
+  c->source = xstrdup("unit test");
+  r = repo_open(f, ep, f->treg.host, "tok/other", c);
+  get_ok(r, "v1");
+  registry_repo_free(r);
+  credential_free(c);
+  log = read_all(f->treg.token_log);
+  assert_int_equal(count(log, "\"scope\": \"repository:tok/other:pull\""), before_other + 2);
+  free(log);
+}
+
+/* A token server without OAuth2: the POST is answered 404 and the client falls back to GET with Basic auth. Tokens
+ * of 2 s expire and are fetched again. */
+static void test_token_get_fallback_and_expiry(void **state)
+{
+  fixture *f = *state;
+  registry_client *client = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(registry_client_new(NULL, &client, &err), 0);
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s", f->treg2.host);
+  credential *c = credential_new();
+  c->username = xstrdup("dave");
+  c->password = xstrdup("pw&2=x");
+  registry_repo *r = NULL;
+  assert_int_equal(registry_repo_new(client, ep, false, f->treg2.host, "tok2/img", c, &r, &err), 0);
+  get_ok(r, "v1");
+  char *log = read_all(f->treg2.token_log);
+  assert_int_equal(count(log, "\"method\": \"POST\", \"grant_type\": \"password\""), 1);
+  assert_int_equal(count(log, "\"auth\": \"Basic\", \"method\": \"GET\""), 1);
+  free(log);
+
+  /* still valid: no new request */
+  get_ok(r, "v1");
+  log = read_all(f->treg2.token_log);
+  assert_int_equal(count(log, "\"auth\": \"Basic\", \"method\": \"GET\""), 1);
+  free(log);
+
+  /* expired: fetched again */
+  struct timespec ts = {2, 600 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+  get_ok(r, "v1");
+  log = read_all(f->treg2.token_log);
+  assert_int_equal(count(log, "\"auth\": \"Basic\", \"method\": \"GET\""), 2);
+  free(log);
+  registry_repo_free(r);
+  credential_free(c);
+  registry_client_free(client);
+}
+
+/* An identity token is an OAuth2 refresh token: POST grant_type=refresh_token, never a GET. */
+static void test_token_refresh_grant(void **state)
+{
+  fixture *f = *state;
+  /* treg2's POST answers 404; use a server that does OAuth2 with the refresh token */
+  test_registry t;
+  setenv("TOKEN_REFRESH", "rt-secret-1", 1);
+  int rs = test_registry_start_mode(&t, "token", NULL, NULL);
+  unsetenv("TOKEN_REFRESH");
+  assert_int_equal(rs, 0);
+  assert_int_equal(test_push_image(&t, "tok3/img", "v1", "--layers 1", ""), 0);
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s", t.host);
+  credential *c = credential_new();
+  c->identity_token = xstrdup("rt-secret-1");
+  registry_repo *r = repo_open(f, ep, t.host, "tok3/img", c);
+  get_ok(r, "v1");
+  registry_repo_free(r);
+  char *log = read_all(t.token_log);
+  assert_int_equal(count(log, "\"grant_type\": \"refresh_token\", \"client_id\": \"crimage\""), 1);
+  assert_int_equal(count(log, "\"method\": \"GET\", \"scope\": \"repository:tok3/img:pull\"}"), 0);
+  assert_null(strstr(log, "rt-secret-1"));
+  free(log);
+
+  /* a refused refresh token: UNAUTHENTICATED naming the grant, without the secret */
+  free(c->identity_token);
+  c->identity_token = xstrdup("rt-wrong-2");
+  r = repo_open(f, ep, t.host, "tok3/img", c);
+  char *body = NULL, *ct = NULL;
+  size_t len = 0;
+  crimage_error *err = NULL;
+  assert_true(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAUTHENTICATED);
+  assert_non_null(strstr(err->message, "refresh_token"));
+  assert_non_null(strstr(err->message, t.host));
+  assert_null(strstr(err->message, "rt-wrong-2"));
+  crimage_error_clear(&err);
+  registry_repo_free(r);
+  credential_free(c);
+  test_registry_stop(&t);
+}
+
+/* A trickling blob (512 B/s) under a floor of 4 KiB/s over 1 s fails with a message saying so; the same floor does
+ * not disturb a normal transfer. */
+static void test_throughput_floor(void **state)
+{
+  fixture *f = *state;
+  test_fault_proxy fp;
+  assert_int_equal(test_fault_proxy_start(&f->reg, "u", "p", &fp), 0);
+  registry_client_options o = {.progress_timeout_ms = 60000, .min_speed_bytes_per_s = 4096,
+                               .min_speed_window_ms = 1000};
+  registry_client *client = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(registry_client_new(&o, &client, &err), 0);
+
+  registry_repo *direct = NULL;
+  assert_int_equal(registry_repo_new(client, f->endpoint, false, f->reg.host, "test/big", NULL, &direct, &err), 0);
+  char *body = NULL, *ct = NULL;
+  size_t len = 0;
+  assert_int_equal(registry_get_manifest(direct, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err), 0);
+  manifest *m = NULL;
+  assert_int_equal(manifest_parse(body, len, ct, &m, &err), 0);
+  free(body);
+  free(ct);
+  const manifest_descriptor *l = &m->layers[0];
+  for (size_t i = 1; i < m->n_layers; i++)
+    if (m->layers[i].size > l->size)
+      l = &m->layers[i];
+  assert_true(l->size > 2048);
+  dynbuf b;
+  dynbuf_init(&b, 1 << 20);
+  registry_sink sink = {.write = buf_write, .restart = buf_restart, .userdata = &b};
+  assert_int_equal(registry_get_blob(direct, l->digest, 0, l->size, &sink, NULL, &err), 0);
+  assert_int_equal(b.len, (size_t) l->size);
+
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s/trickle", fp.host);
+  registry_repo *slow = NULL;
+  assert_int_equal(registry_repo_new(client, ep, false, fp.host, "test/big", NULL, &slow, &err), 0);
+  dynbuf_reset(&b);
+  assert_true(registry_get_blob(slow, l->digest, 0, l->size, &sink, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAVAILABLE);
+  assert_non_null(strstr(err->message, "slower than 4096 bytes/s over 1 s"));
+  assert_non_null(strstr(err->message, fp.host));
+  assert_true(b.len < (size_t) l->size);
+  crimage_error_clear(&err);
+
+  dynbuf_free(&b);
+  manifest_free(m);
+  registry_repo_free(slow);
+  registry_repo_free(direct);
+  registry_client_free(client);
+  test_fault_proxy_stop(&fp);
+}
+
+/* The token cache is bounded: after more scopes than it holds, the oldest token is gone and fetched again while a
+ * recent one is still served from the cache. */
+static void test_token_cache_bounded(void **state)
+{
+  fixture *f = *state;
+  registry_client *client = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(registry_client_new(NULL, &client, &err), 0);
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s", f->treg.host);
+  const int n = REGISTRY_TOKEN_CACHE_SIZE + 4;
+  for (int i = 0; i <= n; i++) {
+    char name[64];
+    snprintf(name, sizeof(name), "bound/r%d", i == n ? n - 1 : i); /* the last one repeats a recent name */
+    registry_repo *r = NULL;
+    assert_int_equal(registry_repo_new(client, ep, false, f->treg.host, name, NULL, &r, &err), 0);
+    char *body = NULL, *ct = NULL;
+    size_t len = 0;
+    /* the repository does not exist: the registry answers NAME_UNKNOWN once the token is presented */
+    assert_true(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err) < 0);
+    assert_int_equal(err->status, CRIMAGE_NOT_FOUND);
+    crimage_error_clear(&err);
+    registry_repo_free(r);
+  }
+  char *log = read_all(f->treg.token_log);
+  char line[128];
+  snprintf(line, sizeof(line), "\"scope\": \"repository:bound/r%d:pull\"}", n - 1);
+  assert_int_equal(count(log, line), 1);
+  free(log);
+
+  registry_repo *r = NULL;
+  assert_int_equal(registry_repo_new(client, ep, false, f->treg.host, "bound/r0", NULL, &r, &err), 0);
+  char *body = NULL, *ct = NULL;
+  size_t len = 0;
+  assert_true(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err) < 0);
+  crimage_error_clear(&err);
+  registry_repo_free(r);
+  log = read_all(f->treg.token_log);
+  assert_int_equal(count(log, "\"scope\": \"repository:bound/r0:pull\"}"), 2);
+  free(log);
+  registry_client_free(client);
 }
 
 int main(void)
@@ -463,7 +712,9 @@ int main(void)
   const struct CMUnitTest live[] = {
       cmocka_unit_test(test_get_manifest),  cmocka_unit_test(test_get_blob_range), cmocka_unit_test(test_manifest_unknown),
       cmocka_unit_test(test_unreachable),   cmocka_unit_test(test_cancel),         cmocka_unit_test(test_basic_auth),
-      cmocka_unit_test(test_bearer_token),
+      cmocka_unit_test(test_bearer_token), cmocka_unit_test(test_token_scope_cache),
+      cmocka_unit_test(test_token_get_fallback_and_expiry), cmocka_unit_test(test_token_refresh_grant),
+      cmocka_unit_test(test_throughput_floor), cmocka_unit_test(test_token_cache_bounded),
   };
   int failed = cmocka_run_group_tests_name("parsing", tests, NULL, NULL);
   failed += cmocka_run_group_tests_name("registry", live, group_setup, group_teardown);

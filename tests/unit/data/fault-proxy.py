@@ -9,12 +9,14 @@ Listens on 127.0.0.1 (a free port, written to PORTFILE) and forwards GETs to UPS
   - blob requests are redirected (307) to http://localhost:<port>/redirected/..., i.e. another host name, where
     the blob is served without auth; LOG gets one JSON line per request there saying whether an Authorization
     header came along (it must not).
+  - /trickle/<path> serves UPSTREAM<path> without auth, its body in 256-byte pieces every half second (512 B/s).
 """
 import base64
 import http.server
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -63,7 +65,27 @@ def main():
             self.end_headers()
             self.wfile.write(body)
 
+        def trickle(self, path):
+            try:
+                resp = urllib.request.urlopen(upstream + path)
+            except urllib.error.HTTPError as e:
+                resp = e
+            body = resp.read()
+            self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(0, len(body), 256):
+                    self.wfile.write(body[i:i + 256])
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                self.close_connection = True
+
         def do_GET(self):
+            if self.path.startswith("/trickle/"):
+                self.record("trickle")
+                return self.trickle(self.path[len("/trickle"):])
             if self.path.startswith("/redirected/"):
                 self.record("redirected")
                 return self.proxy(self.path[len("/redirected"):])
