@@ -1,0 +1,73 @@
+"""crimaged as a process: configuration errors, the root lock, socket permissions, clean SIGTERM."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import READY_TIMEOUT, build_dir
+
+
+def run_daemon_expecting_failure(tmp_path, config_text, suffix="json", args=()):
+    """Runs crimaged with a config that must make it exit non-zero by itself; returns its stderr."""
+    cfg = tmp_path / f"bad.{suffix}"
+    cfg.write_text(config_text)
+    exe = os.path.join(build_dir(), "plugin", "crimaged")
+    proc = subprocess.Popen([exe, "--config", str(cfg)] + list(args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=READY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+        pytest.fail("crimaged kept running with an invalid configuration")
+    assert proc.returncode not in (0, None), err
+    assert err.strip(), "no error message on stderr"
+    return err
+
+
+def test_sigterm_exits_zero(daemon):
+    assert daemon.alive()
+    assert daemon.stop() == 0
+
+
+def test_socket_mode(daemon):
+    assert (os.stat(daemon.socket).st_mode & 0o777) == 0o660
+
+
+def test_second_daemon_on_same_root_refused(daemon, tmp_path, short_dir):
+    cfg = {"root": daemon.root, "socket": os.path.join(short_dir, "second.sock"), "logLevel": "debug"}
+    err = run_daemon_expecting_failure(tmp_path, json.dumps(cfg))
+    assert "lock" in err.lower() or daemon.root in err, err
+    assert daemon.alive()  # the first one is untouched, its socket still answers
+
+
+def test_unknown_config_key_named(tmp_path, short_dir):
+    cfg = {"root": str(tmp_path / "root"), "socket": os.path.join(short_dir, "s.sock"), "noSuchSetting": 1}
+    err = run_daemon_expecting_failure(tmp_path, json.dumps(cfg))
+    assert "noSuchSetting" in err
+
+
+def test_wrong_type_config_value_named(tmp_path, short_dir):
+    cfg = {"root": str(tmp_path / "root"), "socket": os.path.join(short_dir, "s.sock"),
+           "maxConcurrentDownloads": "many"}
+    err = run_daemon_expecting_failure(tmp_path, json.dumps(cfg))
+    assert "maxConcurrentDownloads" in err
+
+
+@pytest.mark.parametrize("text,suffix", [
+    ('{"root": "/tmp/x", ', "json"),
+    ("root: [unclosed\n", "yaml"),
+    ("\x00\x01\x02", "yaml"),
+])
+def test_malformed_config_file(tmp_path, text, suffix):
+    run_daemon_expecting_failure(tmp_path, text, suffix)
+
+
+def test_missing_config_file(tmp_path):
+    exe = os.path.join(build_dir(), "plugin", "crimaged")
+    r = subprocess.run([exe, "--config", str(tmp_path / "absent.yaml")], capture_output=True, text=True,
+                       timeout=READY_TIMEOUT)
+    assert r.returncode != 0
+    assert "absent.yaml" in r.stderr
