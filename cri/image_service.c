@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 
 #include "common/digest.h"
 #include "common/json.h"
@@ -24,7 +25,71 @@ struct image_service {
   platform host_platform;
   scheduler *scheduler;
   backoff *backoff;
+  progress_tracker *progress;
+  pull_credentials *credentials;
+  handler_store *handler_stores; /* handler names owned */
+  size_t n_handler_stores;
+  pthread_mutex_t waiters_lock;
+  struct pull_waiters *waiters;
 };
+
+/* The PullImage calls waiting for one scheduler job (same key): a shared pull stops only when every one of them
+ * has given up, not when the caller that happens to run it does. */
+typedef struct pull_waiters {
+  struct pull_waiters *next;
+  char *key;
+  rpc_call **calls;
+  size_t n_calls;
+} pull_waiters;
+
+static pull_waiters *waiters_join(image_service *svc, const char *key, rpc_call *call)
+{
+  pthread_mutex_lock(&svc->waiters_lock);
+  pull_waiters *w = svc->waiters;
+  while (w && !streq(w->key, key))
+    w = w->next;
+  if (!w) {
+    w = xcalloc(1, sizeof(*w));
+    w->key = xstrdup(key);
+    w->next = svc->waiters;
+    svc->waiters = w;
+  }
+  w->calls = xrealloc(w->calls, (w->n_calls + 1) * sizeof(*w->calls));
+  w->calls[w->n_calls++] = call;
+  pthread_mutex_unlock(&svc->waiters_lock);
+  return w;
+}
+
+static void waiters_leave(image_service *svc, pull_waiters *w, rpc_call *call)
+{
+  pthread_mutex_lock(&svc->waiters_lock);
+  for (size_t i = 0; i < w->n_calls; i++)
+    if (w->calls[i] == call) {
+      w->calls[i] = w->calls[--w->n_calls];
+      break;
+    }
+  if (w->n_calls == 0) {
+    pull_waiters **pp = &svc->waiters;
+    while (*pp != w)
+      pp = &(*pp)->next;
+    *pp = w->next;
+    free(w->key);
+    free(w->calls);
+    free(w);
+  }
+  pthread_mutex_unlock(&svc->waiters_lock);
+}
+
+/* True when every caller waiting for the pull is gone. */
+static bool waiters_all_cancelled(image_service *svc, pull_waiters *w)
+{
+  pthread_mutex_lock(&svc->waiters_lock);
+  bool all = true;
+  for (size_t i = 0; i < w->n_calls && all; i++)
+    all = rpc_call_cancelled(w->calls[i]);
+  pthread_mutex_unlock(&svc->waiters_lock);
+  return all;
+}
 
 int image_service_new(store *st, puller *p, const image_service_options *opts, image_service **ret,
                       crimage_error **err)
@@ -36,10 +101,20 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
   svc->reject_unknown_handlers = opts->reject_unknown_handlers;
   svc->scheduler = opts->scheduler;
   svc->backoff = opts->backoff;
+  svc->progress = opts->progress;
+  svc->handler_stores = xcalloc(opts->n_handler_stores + 1, sizeof(handler_store));
+  for (size_t i = 0; i < opts->n_handler_stores; i++) {
+    svc->handler_stores[i] = opts->handler_stores[i];
+    svc->handler_stores[i].handler = xstrdup(opts->handler_stores[i].handler);
+  }
+  svc->n_handler_stores = opts->n_handler_stores;
+  pthread_mutex_init(&svc->waiters_lock, NULL);
+  svc->credentials = opts->credentials;
   svc->handlers = xcalloc(opts->n_handlers, sizeof(handler_config));
   for (size_t i = 0; i < opts->n_handlers; i++) {
     svc->handlers[i] = opts->handlers[i];
     svc->handlers[i].name = xstrdup(opts->handlers[i].name);
+    svc->handlers[i].root = opts->handlers[i].root ? xstrdup(opts->handlers[i].root) : NULL;
   }
   svc->n_handlers = opts->n_handlers;
   platform_host(&svc->host_platform);
@@ -51,11 +126,38 @@ void image_service_free(image_service *svc)
 {
   if (!svc)
     return;
-  for (size_t i = 0; i < svc->n_handlers; i++)
+  for (size_t i = 0; i < svc->n_handlers; i++) {
     free(svc->handlers[i].name);
+    free(svc->handlers[i].root);
+  }
+  for (size_t i = 0; i < svc->n_handler_stores; i++)
+    free((char *) svc->handler_stores[i].handler);
+  free(svc->handler_stores);
+  pthread_mutex_destroy(&svc->waiters_lock);
   free(svc->handlers);
   free(svc->default_registry);
   free(svc);
+}
+
+/* The store and puller of a handler: its own when it has a root, else the main ones. */
+static const handler_store *own_store(const image_service *svc, const char *handler)
+{
+  for (size_t i = 0; i < svc->n_handler_stores; i++)
+    if (streq(svc->handler_stores[i].handler, handler))
+      return &svc->handler_stores[i];
+  return NULL;
+}
+
+static store *store_for(const image_service *svc, const char *handler)
+{
+  const handler_store *hs = own_store(svc, handler);
+  return hs ? hs->store : svc->store;
+}
+
+static puller *puller_for(const image_service *svc, const char *handler)
+{
+  const handler_store *hs = own_store(svc, handler);
+  return hs ? hs->puller : svc->puller;
 }
 
 static const handler_config *find_handler(const image_service *svc, const char *name)
@@ -98,19 +200,19 @@ static int lookup_image(image_service *svc, const char *handler, const char *nam
                         crimage_error **err)
 {
   if (str_has_prefix(name, "sha256:") || (strlen(name) == 64 && is_hex(name)))
-    return store_find_image(svc->store, handler, name, ret, err);
+    return store_find_image(store_for(svc, handler), handler, name, ret, err);
 
   cleanup_error crimage_error *parse_err = NULL;
   cleanup_reference image_ref *ref = NULL;
   if (reference_parse(name, svc->default_registry, &ref, &parse_err) == 0) {
     cleanup_free char *key = ref->digest ? reference_digested(ref) : reference_tagged(ref);
-    int r = store_find_image(svc->store, handler, key, ret, err);
+    int r = store_find_image(store_for(svc, handler), handler, key, ret, err);
     if (r != 0)
       return r;
   }
   /* A short hex string may be an ID prefix even when it also reads as a repository name. */
   if (is_hex(name))
-    return store_find_image(svc->store, handler, name, ret, err);
+    return store_find_image(store_for(svc, handler), handler, name, ret, err);
   if (parse_err) {
     *err = TAKE_PTR(parse_err);
     return -EINVAL;
@@ -142,7 +244,7 @@ static int build_info(image_service *svc, const store_image *img, char **ret_jso
 {
   cleanup_free char *data = NULL;
   size_t len = 0;
-  int r = store_blob_read(svc->store, img->id, CONFIG_MAX_SIZE, &data, &len, err);
+  int r = store_blob_read(store_for(svc, img->handler), img->id, CONFIG_MAX_SIZE, &data, &len, err);
   if (r < 0)
     return crimage_error_wrap(err, "reading the config of %s", img->id);
   cleanup_json json_object *config = NULL;
@@ -264,12 +366,11 @@ static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMe
 
 /* ---- ListImages ---- */
 
-static int handle_list_images(void *userdata, rpc_call *call, const ProtobufCMessage *request,
-                              ProtobufCMessage **ret_reply, crimage_error **err)
+/* The images an ImageFilter selects; shared by ListImages and StreamImages. */
+static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filter, store_image ***ret,
+                       size_t *ret_n, crimage_error **err)
 {
-  image_service *svc = userdata;
-  const Runtime__V1__ListImagesRequest *req = (const Runtime__V1__ListImagesRequest *) request;
-  const Runtime__V1__ImageSpec *spec = req->filter ? req->filter->image : NULL;
+  const Runtime__V1__ImageSpec *spec = filter ? filter->image : NULL;
   const char *handler = NULL;
   int r = resolve_handler(svc, spec, NULL, &handler, err);
   if (r < 0)
@@ -290,10 +391,52 @@ static int handle_list_images(void *userdata, rpc_call *call, const ProtobufCMes
   } else {
     /* No handler in the filter lists the images of every handler: kubelet's image GC needs them all and tells them
      * apart by Image.spec.runtime_handler. */
-    r = store_list_images(svc->store, *handler ? handler : NULL, &list, &n, err);
-    if (r < 0)
-      return r;
+    if (*handler) {
+      r = store_list_images(store_for(svc, handler), handler, &list, &n, err);
+      if (r < 0)
+        return r;
+    } else {
+      r = store_list_images(svc->store, NULL, &list, &n, err);
+      if (r < 0)
+        return r;
+      /* Handlers with stores of their own: their images are merged in. */
+      for (size_t i = 0; i < svc->n_handler_stores; i++) {
+        store *hs = svc->handler_stores[i].store;
+        bool seen = hs == svc->store;
+        for (size_t j = 0; j < i && !seen; j++)
+          seen = svc->handler_stores[j].store == hs;
+        if (seen)
+          continue; /* a store shared by several handlers is listed once */
+        store_image **more = NULL;
+        size_t m = 0;
+        r = store_list_images(hs, NULL, &more, &m, err);
+        if (r < 0) {
+          store_image_list_free(list, n);
+          return r;
+        }
+        list = xrealloc(list, (n + m + 1) * sizeof(*list));
+        if (m)
+          memcpy(list + n, more, m * sizeof(*more));
+        n += m;
+        free(more);
+      }
+    }
   }
+  *ret = list;
+  *ret_n = n;
+  return 0;
+}
+
+static int handle_list_images(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                              ProtobufCMessage **ret_reply, crimage_error **err)
+{
+  image_service *svc = userdata;
+  const Runtime__V1__ListImagesRequest *req = (const Runtime__V1__ListImagesRequest *) request;
+  store_image **list = NULL;
+  size_t n = 0;
+  int r = list_images(svc, req->filter, &list, &n, err);
+  if (r < 0)
+    return r;
 
   Runtime__V1__ListImagesResponse *reply = xmalloc(sizeof(*reply));
   runtime__v1__list_images_response__init(reply);
@@ -306,6 +449,36 @@ static int handle_list_images(void *userdata, rpc_call *call, const ProtobufCMes
   store_image_list_free(list, n);
   *ret_reply = &reply->base;
   return 0;
+}
+
+/* ---- StreamImages ---- */
+
+/* Images per StreamImagesResponse: small enough that a batch stays far below the message cap. */
+#define STREAM_IMAGES_BATCH 100
+
+static int handle_stream_images(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                                crimage_error **err)
+{
+  image_service *svc = userdata;
+  const Runtime__V1__StreamImagesRequest *req = (const Runtime__V1__StreamImagesRequest *) request;
+  store_image **list = NULL;
+  size_t n = 0;
+  int r = list_images(svc, req->filter, &list, &n, err);
+  if (r < 0)
+    return r;
+  for (size_t off = 0; off < n && r >= 0; off += STREAM_IMAGES_BATCH) {
+    size_t k = n - off < STREAM_IMAGES_BATCH ? n - off : STREAM_IMAGES_BATCH;
+    Runtime__V1__StreamImagesResponse *msg = xmalloc(sizeof(*msg));
+    runtime__v1__stream_images_response__init(msg);
+    msg->images = xcalloc(k, sizeof(*msg->images));
+    for (size_t i = 0; i < k; i++)
+      msg->images[i] = to_cri_image(list[off + i]);
+    msg->n_images = k;
+    r = rpc_call_send(call, &msg->base, err);
+    protobuf_c_message_free_unpacked(&msg->base, NULL);
+  }
+  store_image_list_free(list, n);
+  return r < 0 ? r : 0;
 }
 
 /* ---- RemoveImage ---- */
@@ -327,7 +500,7 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
   if (r < 0)
     return r;
   if (img) {
-    r = store_remove_image(svc->store, handler, img->id, err);
+    r = store_remove_image(store_for(svc, handler), handler, img->id, err);
     if (r < 0)
       return r;
     log_info("removed image %s (%s) for handler \"%s\"", req->image->image, img->id, handler);
@@ -340,12 +513,10 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
 
 /* ---- ImageFsInfo ---- */
 
-static int handle_image_fs_info(void *userdata, rpc_call *call, const ProtobufCMessage *request,
-                                ProtobufCMessage **ret_reply, crimage_error **err)
+static int fs_usage(store *st, Runtime__V1__FilesystemUsage **ret, crimage_error **err)
 {
-  image_service *svc = userdata;
   store_usage usage = {0};
-  int r = store_get_usage(svc->store, &usage, err);
+  int r = store_get_usage(st, &usage, err);
   if (r < 0)
     return r;
   Runtime__V1__FilesystemUsage *fs = xmalloc(sizeof(*fs));
@@ -361,19 +532,39 @@ static int handle_image_fs_info(void *userdata, rpc_call *call, const ProtobufCM
   runtime__v1__uint64_value__init(fs->inodes_used);
   fs->inodes_used->value = usage.inodes_used;
   store_usage_clear(&usage);
+  *ret = fs;
+  return 0;
+}
 
+static int handle_image_fs_info(void *userdata, rpc_call *call, const ProtobufCMessage *request,
+                                ProtobufCMessage **ret_reply, crimage_error **err)
+{
+  image_service *svc = userdata;
   Runtime__V1__ImageFsInfoResponse *reply = xmalloc(sizeof(*reply));
   runtime__v1__image_fs_info_response__init(reply);
-  reply->image_filesystems = xmalloc(sizeof(*reply->image_filesystems));
-  reply->image_filesystems[0] = fs;
-  reply->n_image_filesystems = 1;
+  /* The main store first: kubelet reads only the first entry. Then each store of its own, once. */
+  reply->image_filesystems = xcalloc(svc->n_handler_stores + 1, sizeof(*reply->image_filesystems));
+  for (size_t i = 0; i <= svc->n_handler_stores; i++) {
+    store *st = i == 0 ? svc->store : svc->handler_stores[i - 1].store;
+    bool seen = false;
+    for (size_t j = 0; j < i && !seen; j++)
+      seen = (j == 0 ? svc->store : svc->handler_stores[j - 1].store) == st;
+    if (seen)
+      continue;
+    Runtime__V1__FilesystemUsage *fs = NULL;
+    int r = fs_usage(st, &fs, err);
+    if (r < 0) {
+      protobuf_c_message_free_unpacked(&reply->base, NULL);
+      return r;
+    }
+    reply->image_filesystems[reply->n_image_filesystems++] = fs;
+  }
   *ret_reply = &reply->base;
   return 0;
 }
 
 /* ---- PullImage ---- */
 
-static bool call_cancelled(void *userdata) { return rpc_call_cancelled(userdata); }
 
 static credential *credential_from_auth(const Runtime__V1__AuthConfig *a, crimage_error **err)
 {
@@ -412,13 +603,33 @@ static credential *credential_from_auth(const Runtime__V1__AuthConfig *a, crimag
 typedef struct pull_job {
   image_service *svc;
   pull_request req;
+  rpc_call *call;
+  pull_waiters *waiters; /* every call sharing this job */
+  uint64_t progress_id;  /* 0: not tracked */
 } pull_job;
+
+static bool job_cancelled(void *userdata)
+{
+  pull_job *job = userdata;
+  return waiters_all_cancelled(job->svc, job->waiters);
+}
+
+static void job_progress(void *userdata, const pull_event *ev)
+{
+  pull_job *job = userdata;
+  if (job->svc->progress)
+    progress_event(job->svc->progress, job->progress_id, ev);
+}
 
 static int run_pull_job(void *ud, void **ret_result, crimage_error **err)
 {
   pull_job *job = ud;
+  if (job->svc->progress)
+    progress_start(job->svc->progress, job->progress_id);
   pull_result *res = xcalloc(1, sizeof(*res));
-  int r = puller_pull(job->svc->puller, &job->req, res, err);
+  int r = puller_pull(puller_for(job->svc, job->req.handler), &job->req, res, err);
+  if (job->svc->progress)
+    progress_end(job->svc->progress, job->progress_id, r, err ? *err : NULL);
   if (r < 0) {
     free(res);
     return r;
@@ -470,6 +681,57 @@ static const char *pod_uid_of(const Runtime__V1__PodSandboxConfig *sandbox)
   return NULL;
 }
 
+/* One try of a PullImage with one credential (NULL = anonymous), through the scheduler; a pull_attempt_fn. */
+typedef struct pull_attempt {
+  image_service *svc;
+  rpc_call *call;
+  const Runtime__V1__PullImageRequest *req;
+  image_ref *ref;
+  const char *handler;
+  const char *refstr;
+} pull_attempt;
+
+static int run_pull_attempt(void *userdata, const credential *cred, void **ret_result, crimage_error **err)
+{
+  pull_attempt *at = userdata;
+  image_service *svc = at->svc;
+  const Runtime__V1__PullImageRequest *req = at->req;
+  const char *handler = at->handler, *refstr = at->refstr;
+  /* Each credential is a pull of its own for the scheduler: concurrent identical tries share one run. */
+  cleanup_free char *key = pull_key(handler, refstr, cred);
+  const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
+  pull_job job = {
+      .svc = svc,
+      .req =
+          {
+              .ref = at->ref,
+              .handler = handler,
+              .platform = hc && hc->has_platform ? &hc->platform : &svc->host_platform,
+              .cred = cred,
+              .cancelled = job_cancelled,
+              .progress = job_progress,
+              .userdata = &job,
+          },
+      .call = at->call,
+  };
+  log_info("pulling %s for handler \"%s\"%s%s", refstr, handler, cred ? " with credentials from " : "",
+           cred ? cred->source : "");
+  pull_result *res = NULL;
+  if (svc->progress)
+    job.progress_id = progress_begin(svc->progress, key, refstr, handler, pod_uid_of(req->sandbox_config));
+  /* Every caller of a shared pull (they all wait in scheduler_run until it is over) stays in the set meanwhile. */
+  job.waiters = waiters_join(svc, key, at->call);
+  int r = scheduler_run(svc->scheduler, key, pod_uid_of(req->sandbox_config), run_pull_job, &job, (void **) &res,
+                        free_pull_result, copy_pull_result, err);
+  waiters_leave(svc, job.waiters, at->call);
+  if (svc->progress)
+    progress_release(svc->progress, job.progress_id, r, r < 0 ? *err : NULL);
+  if (r < 0)
+    return r;
+  *ret_result = res;
+  return 0;
+}
+
 static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMessage *request,
                              ProtobufCMessage **ret_reply, crimage_error **err)
 {
@@ -493,37 +755,35 @@ static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMess
     return -EINVAL;
   }
   cleanup_free char *refstr = reference_string(ref);
-  cleanup_free char *key = pull_key(handler, refstr, cred);
+  /* One back-off key around the whole sequence of credentials: the request's own, or those resolved here. */
+  bool resolve = !cred && svc->credentials;
+  cleanup_free char *key =
+      resolve ? xasprintf("%s\x1f%s\x1fresolved", handler, refstr) : pull_key(handler, refstr, cred);
 
   if (svc->backoff) {
     int64_t retry_at = 0;
     cleanup_free char *last_error = NULL;
     int64_t now = now_monotonic_ms();
-    if (backoff_check(svc->backoff, key, now, &retry_at, &last_error))
+    if (backoff_check(svc->backoff, key, now, &retry_at, &last_error)) {
+      if (svc->progress)
+        progress_count_backoff(svc->progress);
       return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0,
                                "Back-off pulling image \"%s\": next try in %lld s; last error: %s", refstr,
                                (long long) ((retry_at - now + 999) / 1000), last_error ? last_error : "unknown");
+    }
   }
 
-  const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
-  pull_job job = {
-      .svc = svc,
-      .req =
-          {
-              .ref = ref,
-              .handler = handler,
-              .platform = hc && hc->has_platform ? &hc->platform : &svc->host_platform,
-              .cred = cred,
-              .cancelled = call_cancelled,
-              .userdata = call,
-          },
-  };
-  log_info("pulling %s for handler \"%s\"%s%s", refstr, handler, cred ? " with credentials from " : "",
-           cred ? cred->source : "");
+  pull_attempt at = {.svc = svc, .call = call, .req = req, .ref = ref, .handler = handler, .refstr = refstr};
   pull_result *res = NULL;
   int64_t start = now_monotonic_ms();
-  r = scheduler_run(svc->scheduler, key, pod_uid_of(req->sandbox_config), run_pull_job, &job, (void **) &res,
-                    free_pull_result, copy_pull_result, err);
+  if (resolve) {
+    cleanup_credential_list credential_list cands = {0};
+    r = pull_credentials_resolve(svc->credentials, ref, &cands, err);
+    if (r >= 0)
+      r = pull_credentials_try(&cands, run_pull_attempt, &at, (void **) &res, err);
+  } else {
+    r = run_pull_attempt(&at, cred, (void **) &res, err);
+  }
   if (r < 0) {
     /* A pull the client gave up on says nothing about the image. */
     if (svc->backoff && *err && (*err)->status != CRIMAGE_CANCELLED && (*err)->status != CRIMAGE_RESOURCE_EXHAUSTED)
@@ -549,6 +809,7 @@ static const rpc_method image_methods[] = {
     {.name = "PullImage", .unary = handle_pull_image},
     {.name = "RemoveImage", .unary = handle_remove_image},
     {.name = "ImageFsInfo", .unary = handle_image_fs_info},
+    {.name = "StreamImages", .stream = handle_stream_images},
 };
 
 int image_service_register(image_service *svc, rpc_server *server, crimage_error **err)

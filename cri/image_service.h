@@ -6,9 +6,11 @@
 #include <stdbool.h>
 
 #include "common/error.h"
+#include "cri/pull_credentials.h"
 #include "cri/server.h"
 #include "pull/backoff.h"
 #include "pull/platform.h"
+#include "pull/progress.h"
 #include "pull/puller.h"
 #include "pull/scheduler.h"
 #include "pull/store.h"
@@ -18,7 +20,15 @@ typedef struct handler_config {
   char *name;
   bool has_platform;
   platform platform; /* the platform this handler pulls from an index */
+  char *root;        /* a store of its own; NULL = the main store */
 } handler_config;
+
+/* A runtime handler with a store (and so a puller) of its own: runtimeHandlers.<name>.root. */
+typedef struct handler_store {
+  const char *handler;
+  store *store;
+  puller *puller;
+} handler_store;
 
 typedef struct image_service_options {
   const char *default_registry;     /* NULL = docker.io */
@@ -27,6 +37,10 @@ typedef struct image_service_options {
   bool reject_unknown_handlers;     /* an undeclared handler is INVALID_ARGUMENT (else a plain key) */
   scheduler *scheduler;             /* when pulls may run (required) */
   backoff *backoff;                 /* failed pulls wait before the next try; NULL = no back-off */
+  progress_tracker *progress;       /* told about every pull; NULL = none */
+  pull_credentials *credentials;    /* for pulls without AuthConfig; NULL = anonymous */
+  const handler_store *handler_stores; /* handlers that do not use the main store */
+  size_t n_handler_stores;
 } image_service_options;
 
 typedef struct image_service image_service;

@@ -7,8 +7,11 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <time.h>
 
+#include "cli_auth.h"
 #include "cli_format.h"
 #include "cli_options.h"
 #include "common/error.h"
@@ -113,6 +116,8 @@ enum {
   OPT_POD_UID,
   OPT_DIGESTS,
   OPT_NO_TRUNC,
+  OPT_POLICY,
+  OPT_SECRET,
 };
 
 #define RUNTIME_HANDLER_OPTION {"runtime-handler", required_argument, NULL, OPT_RUNTIME_HANDLER}
@@ -157,6 +162,9 @@ typedef struct pull_opts {
   char *server_address;
   char *identity_token; /* secret */
   char *registry_token; /* secret */
+  const char *policy;   /* Always, IfNotPresent, Never; NULL = as Kubernetes defaults it */
+  bool quiet;           /* no progress */
+  char **secrets;       /* --secret: files of image pull Secrets */
 } pull_opts;
 
 static void pull_opts_done(pull_opts *o)
@@ -168,6 +176,7 @@ static void pull_opts_done(pull_opts *o)
   free(o->server_address);
   secret_free(o->identity_token);
   secret_free(o->registry_token);
+  strv_free(o->secrets);
 }
 
 /* Replaces *dst with a copy of a secret argument, wiping the argument. */
@@ -197,14 +206,23 @@ static int pull_parse(const cli_verb *verb, cli_ctx *ctx, int argc, char **argv,
       {"identity-token", required_argument, NULL, OPT_IDENTITY_TOKEN},
       {"registry-token", required_argument, NULL, OPT_REGISTRY_TOKEN},
       {"pod-uid", required_argument, NULL, OPT_POD_UID},
+      {"policy", required_argument, NULL, OPT_POLICY},
+      {"secret", required_argument, NULL, OPT_SECRET},
+      {"quiet", no_argument, NULL, 'q'},
       {},
   };
   /* Secrets are copied and wiped from argv as soon as getopt hands them over, even when parsing fails later. */
   int opt;
-  while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS, options, NULL)) != -1) {
+  while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS "q", options, NULL)) != -1) {
     switch (opt) {
     case OPT_RUNTIME_HANDLER:
       o->runtime_handler = optarg;
+      break;
+    case OPT_POLICY:
+      o->policy = optarg;
+      break;
+    case 'q':
+      o->quiet = true;
       break;
     case OPT_CREDS:
       take_secret(&o->creds, optarg);
@@ -233,6 +251,9 @@ static int pull_parse(const cli_verb *verb, cli_ctx *ctx, int argc, char **argv,
     case OPT_POD_UID:
       o->pod_uid = optarg;
       break;
+    case OPT_SECRET:
+      strv_add_unique(&o->secrets, optarg);
+      break;
     default: {
       int r = common_option(ctx, verb, opt, optarg);
       if (r != CLI_CONTINUE)
@@ -244,6 +265,9 @@ static int pull_parse(const cli_verb *verb, cli_ctx *ctx, int argc, char **argv,
     return usage_error(verb, optind == argc ? "no image given" : "one image at a time");
   o->image = argv[optind];
 
+  crimage_pull_policy policy;
+  if (o->policy && crimage_pull_policy_parse(o->policy, &policy) < 0)
+    return usage_error(verb, "invalid pull policy '%s' (Always, IfNotPresent or Never)", o->policy);
   if (o->creds && (o->username || o->password || o->password_stdin))
     return usage_error(verb, "--creds excludes --username, --password and --password-stdin");
   if (o->password && o->password_stdin)
@@ -257,11 +281,327 @@ static int pull_parse(const cli_verb *verb, cli_ctx *ctx, int argc, char **argv,
     if (r < 0)
       return usage_error(verb, "no password on standard input");
   }
+  if (o->secrets && (o->username || o->auth || o->identity_token || o->registry_token))
+    return usage_error(verb, "--secret excludes credentials given on the command line");
   if (o->password && !o->username)
     return usage_error(verb, "--password needs --username");
   if (o->username && !o->password)
     return usage_error(verb, "--username needs --password or --password-stdin");
   return CLI_CONTINUE;
+}
+
+/* ---- pull progress: PullImage runs on a thread of its own while this one follows WatchPull ---- */
+
+#define PROGRESS_MAX_BLOB_LINES 16
+#define PROGRESS_PLAIN_INTERVAL_MS 2000
+#define PROGRESS_BAR_WIDTH 24
+
+typedef struct blob_rate {
+  char *digest;
+  uint64_t last_done;
+  int64_t last_ms;
+  double rate; /* bytes/s, smoothed */
+} blob_rate;
+
+typedef struct progress_view {
+  pthread_mutex_t lock;
+  bool done; /* PullImage returned */
+  bool tty;
+  FILE *out;
+  const char *image;
+  size_t lines_drawn;
+  int64_t last_plain_ms;
+  int last_state; /* -1: nothing shown yet */
+  blob_rate *rates;
+  size_t n_rates;
+  double total_rate;
+  uint64_t total_last_done;
+  int64_t total_last_ms;
+  crimage_pull_status last; /* the last update shown (id 0: none) */
+} progress_view;
+
+static void pull_status_copy(crimage_pull_status *dst, const crimage_pull_status *src)
+{
+  *dst = *src;
+  dst->reference = xstrdup(src->reference);
+  dst->runtime_handler = xstrdup(src->runtime_handler);
+  dst->pod_uid = xstrdup(src->pod_uid);
+  dst->error = xstrdup(src->error);
+  dst->blobs = xcalloc(src->n_blobs + 1, sizeof(*dst->blobs));
+  for (size_t i = 0; i < src->n_blobs; i++) {
+    dst->blobs[i] = src->blobs[i];
+    dst->blobs[i].digest = xstrdup(src->blobs[i].digest);
+  }
+}
+
+static int64_t mono_ms(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Smooths the rate of a counter that went from *last_done at *last_ms to done at now. */
+static void update_rate(double *rate, uint64_t *last_done, int64_t *last_ms, uint64_t done, int64_t now)
+{
+  if (*last_ms == 0) {
+    *last_ms = now;
+    *last_done = done;
+    return;
+  }
+  int64_t dt = now - *last_ms;
+  if (dt < 200)
+    return;
+  double inst = done > *last_done ? (double) (done - *last_done) * 1000.0 / (double) dt : 0;
+  *rate = *rate == 0 ? inst : 0.6 * *rate + 0.4 * inst;
+  *last_done = done;
+  *last_ms = now;
+}
+
+static blob_rate *view_rate(progress_view *v, const char *digest)
+{
+  for (size_t i = 0; i < v->n_rates; i++)
+    if (streq(v->rates[i].digest, digest))
+      return &v->rates[i];
+  v->rates = xrealloc(v->rates, (v->n_rates + 1) * sizeof(*v->rates));
+  blob_rate *b = &v->rates[v->n_rates++];
+  *b = (blob_rate){.digest = xstrdup(digest)};
+  return b;
+}
+
+static void format_eta(double seconds, char *buf, size_t len)
+{
+  if (seconds <= 0 || seconds > 99 * 3600)
+    snprintf(buf, len, "--");
+  else if (seconds < 60)
+    snprintf(buf, len, "%.0fs", seconds);
+  else if (seconds < 3600)
+    snprintf(buf, len, "%dm%02ds", (int) seconds / 60, (int) seconds % 60);
+  else
+    snprintf(buf, len, "%dh%02dm", (int) seconds / 3600, ((int) seconds % 3600) / 60);
+}
+
+static const char *pull_state_name(crimage_pull_state s)
+{
+  switch (s) {
+  case CRIMAGE_PULL_QUEUED:
+    return "queued";
+  case CRIMAGE_PULL_RUNNING:
+    return "running";
+  case CRIMAGE_PULL_SUCCEEDED:
+    return "succeeded";
+  case CRIMAGE_PULL_FAILED:
+    return "failed";
+  }
+  return "unknown";
+}
+
+static int percent(uint64_t done, uint64_t total)
+{
+  if (total == 0)
+    return 0;
+  return done >= total ? 100 : (int) (done * 100 / total);
+}
+
+/* One line per blob, redrawn in place: "  <digest>  [####----]  52%  2.1MB / 4MB  1.0MB/s  ETA 2s". */
+static void draw_tty(progress_view *v, const crimage_pull_status *s, int64_t now)
+{
+  cleanup_free char *ref = cli_printable(s->reference);
+  char done[16], total[16];
+  cli_format_size(s->bytes_done, done, sizeof(done));
+  cli_format_size(s->bytes_total, total, sizeof(total));
+  if (v->lines_drawn)
+    fprintf(v->out, "\033[%zuA", v->lines_drawn);
+  size_t lines = 0;
+  fprintf(v->out, "\r\033[KPulling %s: %s, %s / %s (%d%%)\n", ref, pull_state_name(s->state), done, total,
+          percent(s->bytes_done, s->bytes_total));
+  lines++;
+  for (size_t i = 0; i < s->n_blobs && i < PROGRESS_MAX_BLOB_LINES; i++) {
+    const crimage_pull_blob *b = &s->blobs[i];
+    blob_rate *br = view_rate(v, b->digest);
+    update_rate(&br->rate, &br->last_done, &br->last_ms, b->done, now);
+    const char *hex = strchr(b->digest, ':') ? strchr(b->digest, ':') + 1 : b->digest;
+    cleanup_free char *short_digest = cli_printable(hex);
+    if (strlen(short_digest) > 12)
+      short_digest[12] = '\0';
+    int pct = b->finished ? 100 : percent(b->done, b->total);
+    char bar[PROGRESS_BAR_WIDTH + 1];
+    int fill = pct * PROGRESS_BAR_WIDTH / 100;
+    for (int k = 0; k < PROGRESS_BAR_WIDTH; k++)
+      bar[k] = k < fill ? '#' : '-';
+    bar[PROGRESS_BAR_WIDTH] = '\0';
+    char bdone[16], btotal[16], rate[16], eta[16];
+    cli_format_size(b->done, bdone, sizeof(bdone));
+    cli_format_size(b->total, btotal, sizeof(btotal));
+    cli_format_size((uint64_t) br->rate, rate, sizeof(rate));
+    if (b->finished)
+      snprintf(eta, sizeof(eta), "done");
+    else
+      format_eta(br->rate > 0 ? (double) (b->total - (b->done < b->total ? b->done : b->total)) / br->rate : 0, eta,
+                 sizeof(eta));
+    fprintf(v->out, "\r\033[K  %-12s [%s] %3d%%  %8s / %-8s %8s/s  ETA %s\n", short_digest, bar, pct, bdone, btotal,
+            rate, eta);
+    lines++;
+  }
+  if (s->n_blobs > PROGRESS_MAX_BLOB_LINES) {
+    fprintf(v->out, "\r\033[K  ... and %zu more blobs\n", s->n_blobs - PROGRESS_MAX_BLOB_LINES);
+    lines++;
+  }
+  if (lines < v->lines_drawn)
+    fprintf(v->out, "\033[J");
+  v->lines_drawn = lines;
+  fflush(v->out);
+}
+
+/* Plain lines for logs and pipes: on a change of state and every few seconds. */
+static void draw_plain(progress_view *v, const crimage_pull_status *s, int64_t now)
+{
+  update_rate(&v->total_rate, &v->total_last_done, &v->total_last_ms, s->bytes_done, now);
+  bool over = s->state == CRIMAGE_PULL_SUCCEEDED || s->state == CRIMAGE_PULL_FAILED;
+  if ((int) s->state == v->last_state && !over && now - v->last_plain_ms < PROGRESS_PLAIN_INTERVAL_MS)
+    return;
+  if ((int) s->state == v->last_state && over)
+    return;
+  v->last_plain_ms = now;
+  cleanup_free char *ref = cli_printable(s->reference);
+  char done[16], total[16], rate[16];
+  cli_format_size(s->bytes_done, done, sizeof(done));
+  cli_format_size(s->bytes_total, total, sizeof(total));
+  cli_format_size((uint64_t) v->total_rate, rate, sizeof(rate));
+  size_t finished = 0;
+  for (size_t i = 0; i < s->n_blobs; i++)
+    finished += s->blobs[i].finished;
+  fprintf(v->out, "pull %s: %s, %zu/%zu blobs, %s of %s (%d%%), %s/s\n", ref, pull_state_name(s->state), finished,
+          s->n_blobs, done, total, percent(s->bytes_done, s->bytes_total), rate);
+  fflush(v->out);
+}
+
+static int watch_update(void *userdata, const crimage_pull_status *s)
+{
+  progress_view *v = userdata;
+  pthread_mutex_lock(&v->lock);
+  bool done = v->done;
+  if (!done) {
+    int64_t now = mono_ms();
+    if (v->tty)
+      draw_tty(v, s, now);
+    else
+      draw_plain(v, s, now);
+    v->last_state = (int) s->state;
+    crimage_pull_status_clear(&v->last);
+    pull_status_copy(&v->last, s);
+  }
+  pthread_mutex_unlock(&v->lock);
+  return done;
+}
+
+typedef struct pull_call {
+  crimage_client *client;
+  const pull_opts *o;
+  const crimage_auth *auth;
+  progress_view *view;
+  char *ref;
+  crimage_error *err;
+  int r;
+} pull_call;
+
+static void *pull_thread(void *arg)
+{
+  pull_call *pc = arg;
+  pc->r = crimage_client_pull(pc->client, pc->o->image, pc->o->runtime_handler, pc->auth, pc->o->pod_uid, &pc->ref,
+                              &pc->err);
+  pthread_mutex_lock(&pc->view->lock);
+  pc->view->done = true;
+  pthread_mutex_unlock(&pc->view->lock);
+  return NULL;
+}
+
+/* Runs PullImage, showing the pull's progress meanwhile when the server offers it. */
+static int pull_with_progress(crimage_client *client, const pull_opts *o, const crimage_auth *auth, char **ret_ref,
+                              crimage_error **err)
+{
+  const char *term = getenv("TERM");
+  progress_view view = {
+      .tty = isatty(STDERR_FILENO) && !(term && streq(term, "dumb")),
+      .out = stderr,
+      .image = o->image,
+      .last_state = -1,
+  };
+  pthread_mutex_init(&view.lock, NULL);
+  pull_call pc = {.client = client, .o = o, .auth = auth, .view = &view};
+  pthread_t t;
+  if (pthread_create(&t, NULL, pull_thread, &pc) != 0) {
+    pthread_mutex_destroy(&view.lock);
+    return crimage_client_pull(client, o->image, o->runtime_handler, auth, o->pod_uid, ret_ref, err);
+  }
+  for (;;) {
+    pthread_mutex_lock(&view.lock);
+    bool done = view.done;
+    pthread_mutex_unlock(&view.lock);
+    if (done)
+      break;
+    crimage_error *werr = NULL;
+    int r = crimage_client_watch_pull(client, o->image, o->runtime_handler, watch_update, &view, &werr);
+    crimage_status st = r < 0 && werr ? werr->status : CRIMAGE_OK;
+    crimage_error_free(werr);
+    if (st == CRIMAGE_UNIMPLEMENTED)
+      break; /* not crimaged: no progress to show */
+    if (r < 0 || st == CRIMAGE_OK)
+      nanosleep(&(struct timespec){.tv_nsec = 100 * 1000 * 1000}, NULL); /* not started yet, or over */
+  }
+  pthread_join(t, NULL);
+  /* PullImage may answer before the last update arrives: show the pull complete. */
+  if (pc.r >= 0 && view.last.id != 0 && view.last_state != CRIMAGE_PULL_SUCCEEDED) {
+    crimage_pull_status *s = &view.last;
+    s->state = CRIMAGE_PULL_SUCCEEDED;
+    if (s->bytes_done < s->bytes_total)
+      s->bytes_done = s->bytes_total;
+    for (size_t i = 0; i < s->n_blobs; i++) {
+      s->blobs[i].done = s->blobs[i].total;
+      s->blobs[i].finished = true;
+    }
+    if (view.tty)
+      draw_tty(&view, s, mono_ms());
+    else
+      draw_plain(&view, s, mono_ms());
+  }
+  crimage_pull_status_clear(&view.last);
+  for (size_t i = 0; i < view.n_rates; i++)
+    free(view.rates[i].digest);
+  free(view.rates);
+  pthread_mutex_destroy(&view.lock);
+  if (pc.r < 0) {
+    *err = pc.err;
+    return pc.r;
+  }
+  *ret_ref = pc.ref;
+  return 0;
+}
+
+static void print_pulled(cli_ctx *ctx, const char *ref)
+{
+  if (ctx_output(ctx, CLI_OUTPUT_TABLE) == CLI_OUTPUT_JSON) {
+    cleanup_json json_object *obj = json_object_new_object();
+    json_object_object_add(obj, "imageRef", json_object_new_string(ref));
+    cli_json_print(obj, stdout);
+  } else {
+    cleanup_free char *p = cli_printable(ref);
+    printf("Image is up to date for %s\n", p);
+  }
+}
+
+/* One PullImage for cli_auth_pull (--secret): with progress unless --quiet. */
+typedef struct pull_once_ctx {
+  crimage_client *client;
+  const pull_opts *o;
+} pull_once_ctx;
+
+static int pull_once(void *userdata, const crimage_auth *auth, char **ret_ref, crimage_error **err)
+{
+  pull_once_ctx *p = userdata;
+  if (p->o->quiet)
+    return crimage_client_pull(p->client, p->o->image, p->o->runtime_handler, auth, p->o->pod_uid, ret_ref, err);
+  return pull_with_progress(p->client, p->o, auth, ret_ref, err);
 }
 
 static int pull_run(cli_ctx *ctx, const pull_opts *o)
@@ -271,6 +611,32 @@ static int pull_run(cli_ctx *ctx, const pull_opts *o)
   crimage_client *client = NULL;
   if (ctx_client(ctx, &client, &err) < 0)
     return fail(what, err);
+
+  /* The policy as a pod spec states it, or as Kubernetes defaults it from the reference. */
+  crimage_pull_policy policy;
+  if (o->policy)
+    crimage_pull_policy_parse(o->policy, &policy);
+  else if (crimage_pull_policy_default(o->image, &policy, &err) < 0)
+    return fail(what, err);
+  if (policy != CRIMAGE_PULL_ALWAYS) {
+    crimage_image *img = NULL;
+    if (crimage_client_image_status(client, o->image, o->runtime_handler, false, &img, NULL, &err) < 0)
+      return fail(what, err);
+    if (img) {
+      print_pulled(ctx, img->id);
+      crimage_image_free(img);
+      return EXIT_OK;
+    }
+    if (policy == CRIMAGE_PULL_NEVER) {
+      crimage_error_set(&err, CRIMAGE_FAILED_PRECONDITION, 0,
+                        "image \"%s\" is not present%s%s%s and the pull policy is Never", o->image,
+                        str_empty(o->runtime_handler) ? "" : " for runtime handler \"",
+                        str_empty(o->runtime_handler) ? "" : o->runtime_handler,
+                        str_empty(o->runtime_handler) ? "" : "\"");
+      return fail(what, err);
+    }
+  }
+
   /* A pull may take long: no deadline unless the user asked for one. */
   if (!ctx->timeout_set)
     crimage_client_set_timeout(client, 0);
@@ -285,19 +651,18 @@ static int pull_run(cli_ctx *ctx, const pull_opts *o)
   };
   bool have_auth = o->username || o->auth || o->identity_token || o->registry_token || o->server_address;
   cleanup_free char *ref = NULL;
-  int r = crimage_client_pull(client, o->image, o->runtime_handler, have_auth ? &auth : NULL, o->pod_uid, &ref, &err);
+  int r;
+  if (o->secrets) {
+    pull_once_ctx pctx = {.client = client, .o = o};
+    r = cli_auth_pull(o->secrets, o->image, what, pull_once, &pctx, &ref, &err);
+  } else if (o->quiet)
+    r = crimage_client_pull(client, o->image, o->runtime_handler, have_auth ? &auth : NULL, o->pod_uid, &ref, &err);
+  else
+    r = pull_with_progress(client, o, have_auth ? &auth : NULL, &ref, &err);
   crimage_client_set_timeout(client, ctx->timeout_ms);
   if (r < 0)
     return fail(what, err);
-
-  if (ctx_output(ctx, CLI_OUTPUT_TABLE) == CLI_OUTPUT_JSON) {
-    cleanup_json json_object *obj = json_object_new_object();
-    json_object_object_add(obj, "imageRef", json_object_new_string(ref));
-    cli_json_print(obj, stdout);
-  } else {
-    cleanup_free char *p = cli_printable(ref);
-    printf("Image is up to date for %s\n", p);
-  }
+  print_pulled(ctx, ref);
   return EXIT_OK;
 }
 
@@ -703,6 +1068,107 @@ static int verb_fsinfo(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv
   return EXIT_OK;
 }
 
+/* ---- pulls ---- */
+
+static json_object *pull_status_to_json(const crimage_pull_status *s)
+{
+  json_object *o = json_object_new_object();
+  json_object_object_add(o, "id", json_object_new_int64((int64_t) s->id));
+  json_object_object_add(o, "reference", json_object_new_string(s->reference));
+  json_object_object_add(o, "runtimeHandler", json_object_new_string(s->runtime_handler));
+  json_object_object_add(o, "podUid", json_object_new_string(s->pod_uid));
+  json_object_object_add(o, "state", json_object_new_string(pull_state_name(s->state)));
+  json_object_object_add(o, "createdUnixMs", json_object_new_int64(s->created_unix_ms));
+  json_object_object_add(o, "startedUnixMs", json_object_new_int64(s->started_unix_ms));
+  json_object_object_add(o, "endedUnixMs", json_object_new_int64(s->ended_unix_ms));
+  json_object_object_add(o, "bytesDone", json_object_new_int64((int64_t) s->bytes_done));
+  json_object_object_add(o, "bytesTotal", json_object_new_int64((int64_t) s->bytes_total));
+  json_object_object_add(o, "waiters", json_object_new_int64(s->waiters));
+  json_object *blobs = json_object_new_array();
+  for (size_t i = 0; i < s->n_blobs; i++) {
+    json_object *b = json_object_new_object();
+    json_object_object_add(b, "digest", json_object_new_string(s->blobs[i].digest));
+    json_object_object_add(b, "done", json_object_new_int64((int64_t) s->blobs[i].done));
+    json_object_object_add(b, "total", json_object_new_int64((int64_t) s->blobs[i].total));
+    json_object_object_add(b, "finished", json_object_new_boolean(s->blobs[i].finished));
+    json_object_array_add(blobs, b);
+  }
+  json_object_object_add(o, "blobs", blobs);
+  if (!str_empty(s->error))
+    json_object_object_add(o, "error", json_object_new_string(s->error));
+  return o;
+}
+
+static int verb_pulls(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
+{
+  static const struct option options[] = {COMMON_LONG_OPTIONS, {"all", no_argument, NULL, 'a'}, {}};
+  cleanup_free char *name = NULL;
+  verb_getopt_begin(verb, argv, &name);
+  bool all = false;
+  int opt;
+  while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS "a", options, NULL)) != -1) {
+    if (opt == 'a') {
+      all = true;
+      continue;
+    }
+    int r = common_option(ctx, verb, opt, optarg);
+    if (r != CLI_CONTINUE)
+      return r;
+  }
+  if (optind < argc)
+    return usage_error(verb, "takes no arguments");
+
+  crimage_error *err = NULL;
+  crimage_client *client = NULL;
+  crimage_pull_status *pulls = NULL;
+  size_t n = 0;
+  if (ctx_client(ctx, &client, &err) < 0 || crimage_client_list_pulls(client, all, &pulls, &n, &err) < 0)
+    return fail("pulls", err);
+  if (ctx_output(ctx, CLI_OUTPUT_TABLE) == CLI_OUTPUT_JSON) {
+    cleanup_json json_object *obj = json_object_new_object();
+    json_object *arr = json_object_new_array();
+    for (size_t i = 0; i < n; i++)
+      json_object_array_add(arr, pull_status_to_json(&pulls[i]));
+    json_object_object_add(obj, "pulls", arr);
+    cli_json_print(obj, stdout);
+  } else {
+    const char *headers[] = {"ID", "IMAGE", "HANDLER", "POD", "STATE", "PROGRESS", "WAITERS"};
+    cli_table *t = cli_table_new(ARRAY_SIZE(headers), headers);
+    for (size_t i = 0; i < n; i++) {
+      const crimage_pull_status *s = &pulls[i];
+      char id[24], done[16], total[16], waiters[16];
+      snprintf(id, sizeof(id), "%" PRIu64, s->id);
+      cli_format_size(s->bytes_done, done, sizeof(done));
+      cli_format_size(s->bytes_total, total, sizeof(total));
+      cleanup_free char *progress = xasprintf("%s / %s (%d%%)", done, total, percent(s->bytes_done, s->bytes_total));
+      snprintf(waiters, sizeof(waiters), "%u", s->waiters);
+      cleanup_free char *ref = cli_printable(s->reference);
+      cleanup_free char *handler = cli_printable(str_empty(s->runtime_handler) ? "(default)" : s->runtime_handler);
+      cleanup_free char *pod = cli_printable(str_empty(s->pod_uid) ? CLI_NONE : s->pod_uid);
+      const char *row[] = {id, ref, handler, pod, pull_state_name(s->state), progress, waiters};
+      cli_table_add_row(t, row);
+    }
+    cli_table_print(t, stdout);
+    cli_table_free(t);
+  }
+  crimage_pull_status_list_free(pulls, n);
+  return EXIT_OK;
+}
+
+/* ---- auth ---- */
+
+static int verb_auth(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
+{
+  cleanup_free char *name = NULL;
+  verb_getopt_begin(verb, argv, &name);
+  int r = cli_auth_main(argc, argv, ctx_output(ctx, CLI_OUTPUT_TABLE) == CLI_OUTPUT_JSON);
+  if (r < 0) {
+    verb_usage(verb, stdout);
+    return EXIT_OK;
+  }
+  return r;
+}
+
 /* ---- version, help ---- */
 
 static int verb_version(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
@@ -758,8 +1224,19 @@ static const cli_verb verbs[] = {
      "      --server-address=H  the registry the credentials are for\n"
      "      --identity-token=T  OAuth2 refresh token\n"
      "      --registry-token=T  bearer token for the registry\n"
-     "      --pod-uid=UID       UID of the pod the pull is for\n",
+     "      --pod-uid=UID       UID of the pod the pull is for\n"
+     "      --policy=POLICY     Always, IfNotPresent or Never (default as Kubernetes: IfNotPresent for a digest\n"
+     "                          or a tag other than latest, else Always)\n"
+     "  -q, --quiet             show no progress while pulling\n"
+     "      --secret=FILE       image pull Secret manifests (repeatable): one pull per matching credential, in\n"
+     "                          order, as kubelet does\n",
      verb_pull},
+    {"auth", "[OPTIONS] IMAGE", "Show the credentials a pull of IMAGE would try, in order (never the secrets).",
+     "      --secret=FILE       image pull Secret manifests (repeatable)\n"
+     "      --docker-config=P   docker config.json or .dockercfg files (repeatable; default: kubelet's search)\n"
+     "      --provider-config=F kubelet CredentialProviderConfig (with --provider-bin-dir)\n"
+     "      --provider-bin-dir=D directory of the credential provider plugins\n",
+     verb_auth},
     {"images", "[OPTIONS] [IMAGE]", "List images, optionally only those matching IMAGE.",
      RUNTIME_HANDLER_HELP
      "  -q, --quiet             print image IDs only\n"
@@ -771,6 +1248,8 @@ static const cli_verb verbs[] = {
     {"rm", "[OPTIONS] IMAGE...", "Remove images (every tag of each).",
      RUNTIME_HANDLER_HELP "  -a, --all               remove every image\n", verb_rm},
     {"fsinfo", "", "Show the filesystem usage of the image store.", NULL, verb_fsinfo},
+    {"pulls", "[OPTIONS]", "List the pulls queued or running in crimaged.",
+     "  -a, --all               also the last pulls that ended\n", verb_pulls},
     {"version", "", "Show the version of crimage.", NULL, verb_version},
     {"help", "[VERB]", "Show help for crimage or for one verb.", NULL, verb_help},
 };

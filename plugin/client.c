@@ -16,6 +16,7 @@
 #include "common/json.h"
 #include "common/util.h"
 #include "cri/api.pb-c.h"
+#include "cri/crimage.pb-c.h"
 #include "crimage.h"
 
 /* kubelet caps CRI messages at 16 MiB; accept as much. */
@@ -120,10 +121,11 @@ static void completion_queue_destroy(grpc_completion_queue *cq)
   grpc_completion_queue_destroy(cq);
 }
 
-/* Runs one unary call of runtime.v1.ImageService: sends req, returns the unpacked reply (free it with
+/* Runs one unary call of a service: sends req, returns the unpacked reply (free it with
  * protobuf_c_message_free_unpacked). A non-OK gRPC status becomes a crimage_error with the same status number. */
-static int unary_call(crimage_client *c, const char *method, const ProtobufCMessage *req,
-                      const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **ret, crimage_error **err)
+static int unary_call_service(crimage_client *c, const char *service, const char *method, const ProtobufCMessage *req,
+                              const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **ret,
+                              crimage_error **err)
 {
   size_t len = protobuf_c_message_get_packed_size(req);
   if (len > CLIENT_MAX_MESSAGE)
@@ -139,7 +141,7 @@ static int unary_call(crimage_client *c, const char *method, const ProtobufCMess
   grpc_byte_buffer *send_buf = grpc_raw_byte_buffer_create(&req_slice, 1);
   grpc_slice_unref(req_slice);
 
-  cleanup_free char *path = xasprintf("/runtime.v1.ImageService/%s", method);
+  cleanup_free char *path = xasprintf("/%s/%s", service, method);
   grpc_slice method_slice = grpc_slice_from_copied_string(path);
   grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
   grpc_call *call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method_slice, NULL,
@@ -212,6 +214,112 @@ static int unary_call(crimage_client *c, const char *method, const ProtobufCMess
   }
   if (recv_buf)
     grpc_byte_buffer_destroy(recv_buf);
+  return r;
+}
+
+static int unary_call(crimage_client *c, const char *method, const ProtobufCMessage *req,
+                      const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **ret, crimage_error **err)
+{
+  return unary_call_service(c, "runtime.v1.ImageService", method, req, reply_desc, ret, err);
+}
+
+/* Runs a batch and waits for it on the call's own queue. */
+static bool run_batch(grpc_call *call, grpc_completion_queue *cq, const grpc_op *ops, size_t n)
+{
+  if (grpc_call_start_batch(call, ops, n, (void *) ops, NULL) != GRPC_CALL_OK)
+    return false;
+  grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+  return ev.type == GRPC_OP_COMPLETE && ev.success;
+}
+
+/* Runs one server-streaming call: sends req, hands every message (unpacked as msg_desc) to fn until the stream ends
+ * or fn returns non-zero (then the call is cancelled and that is not an error). */
+static int stream_call(crimage_client *c, const char *service, const char *method, const ProtobufCMessage *req,
+                       const ProtobufCMessageDescriptor *msg_desc,
+                       int (*fn)(void *ud, const ProtobufCMessage *msg), void *ud, crimage_error **err)
+{
+  size_t len = protobuf_c_message_get_packed_size(req);
+  if (len > CLIENT_MAX_MESSAGE)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EMSGSIZE, "%s: request too large", method);
+  grpc_slice req_slice = grpc_slice_malloc(len);
+  protobuf_c_message_pack(req, GRPC_SLICE_START_PTR(req_slice));
+  grpc_byte_buffer *send_buf = grpc_raw_byte_buffer_create(&req_slice, 1);
+  grpc_slice_unref(req_slice);
+
+  cleanup_free char *path = xasprintf("/%s/%s", service, method);
+  grpc_slice method_slice = grpc_slice_from_copied_string(path);
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_call *call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method_slice, NULL,
+                                             call_deadline(c), NULL);
+  grpc_slice_unref(method_slice);
+
+  grpc_metadata_array initial_md, trailing_md;
+  grpc_metadata_array_init(&initial_md);
+  grpc_metadata_array_init(&trailing_md);
+  grpc_status_code status = GRPC_STATUS_UNKNOWN;
+  grpc_slice details = grpc_empty_slice();
+  int r = 0;
+  bool stopped = false;
+
+  grpc_op ops[4];
+  memset(ops, 0, sizeof(ops));
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send_buf;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[3].data.recv_initial_metadata.recv_initial_metadata = &initial_md;
+  bool sent = run_batch(call, cq, ops, 4);
+  while (sent && !stopped) {
+    grpc_byte_buffer *recv_buf = NULL;
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &recv_buf;
+    if (!run_batch(call, cq, &op, 1) || !recv_buf)
+      break; /* the end of the stream (or of the call): the status tells which */
+    grpc_byte_buffer_reader reader;
+    ProtobufCMessage *msg = NULL;
+    if (grpc_byte_buffer_reader_init(&reader, recv_buf)) {
+      grpc_slice data = grpc_byte_buffer_reader_readall(&reader);
+      grpc_byte_buffer_reader_destroy(&reader);
+      msg = protobuf_c_message_unpack(msg_desc, NULL, GRPC_SLICE_LENGTH(data), GRPC_SLICE_START_PTR(data));
+      grpc_slice_unref(data);
+    }
+    grpc_byte_buffer_destroy(recv_buf);
+    if (!msg) {
+      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed message", method);
+      stopped = true;
+    } else {
+      stopped = fn(ud, msg) != 0;
+      protobuf_c_message_free_unpacked(msg, NULL);
+    }
+    if (stopped)
+      grpc_call_cancel(call, NULL);
+  }
+  grpc_op st;
+  memset(&st, 0, sizeof(st));
+  st.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  st.data.recv_status_on_client.trailing_metadata = &trailing_md;
+  st.data.recv_status_on_client.status = &status;
+  st.data.recv_status_on_client.status_details = &details;
+  bool got_status = run_batch(call, cq, &st, 1);
+  if (r == 0 && !stopped) {
+    if (!got_status) {
+      r = crimage_error_set(err, CRIMAGE_UNKNOWN, 0, "%s: call failed", method);
+    } else if (status != GRPC_STATUS_OK) {
+      cleanup_free char *msg = slice_to_printable(details);
+      int code = (int) status;
+      crimage_status cs = (code > 0 && code <= (int) CRIMAGE_UNAUTHENTICATED) ? (crimage_status) code : CRIMAGE_UNKNOWN;
+      r = crimage_error_set(err, cs, 0, "%s: %s", method, str_empty(msg) ? crimage_status_name(cs) : msg);
+    }
+  }
+  grpc_slice_unref(details);
+  grpc_call_unref(call);
+  completion_queue_destroy(cq);
+  grpc_byte_buffer_destroy(send_buf);
+  grpc_metadata_array_destroy(&initial_md);
+  grpc_metadata_array_destroy(&trailing_md);
   return r;
 }
 
@@ -467,4 +575,124 @@ int crimage_client_fs_info(crimage_client *c, crimage_fs_usage **ret, size_t *re
   *ret = usage;
   *ret_n = n;
   return 0;
+}
+
+/* ---- pull progress (crimage.v1.PullProgress) ---- */
+
+#define PROGRESS_SERVICE "crimage.v1.PullProgress"
+
+static void pull_status_from_proto(crimage_pull_status *out, const Crimage__V1__PullStatus *p)
+{
+  memset(out, 0, sizeof(*out));
+  out->id = p->id;
+  out->reference = xstrdup(p->reference ? p->reference : "");
+  out->runtime_handler = xstrdup(p->runtime_handler ? p->runtime_handler : "");
+  out->pod_uid = xstrdup(p->pod_uid ? p->pod_uid : "");
+  switch (p->state) {
+  case CRIMAGE__V1__PULL_STATE__QUEUED:
+    out->state = CRIMAGE_PULL_QUEUED;
+    break;
+  case CRIMAGE__V1__PULL_STATE__RUNNING:
+    out->state = CRIMAGE_PULL_RUNNING;
+    break;
+  case CRIMAGE__V1__PULL_STATE__SUCCEEDED:
+    out->state = CRIMAGE_PULL_SUCCEEDED;
+    break;
+  default:
+    out->state = CRIMAGE_PULL_FAILED;
+    break;
+  }
+  out->created_unix_ms = p->created_unix_ms;
+  out->started_unix_ms = p->started_unix_ms;
+  out->ended_unix_ms = p->ended_unix_ms;
+  out->bytes_done = p->bytes_done;
+  out->bytes_total = p->bytes_total;
+  out->waiters = p->waiters;
+  out->error = xstrdup(p->error ? p->error : "");
+  out->blobs = xcalloc(p->n_blobs + 1, sizeof(*out->blobs));
+  for (size_t i = 0; i < p->n_blobs; i++) {
+    const Crimage__V1__BlobProgress *b = p->blobs[i];
+    if (!b)
+      continue;
+    crimage_pull_blob *o = &out->blobs[out->n_blobs++];
+    o->digest = xstrdup(b->digest ? b->digest : "");
+    o->done = b->done;
+    o->total = b->total;
+    o->finished = b->finished;
+  }
+}
+
+void crimage_pull_status_clear(crimage_pull_status *s)
+{
+  if (!s)
+    return;
+  free(s->reference);
+  free(s->runtime_handler);
+  free(s->pod_uid);
+  free(s->error);
+  for (size_t i = 0; i < s->n_blobs; i++)
+    free(s->blobs[i].digest);
+  free(s->blobs);
+  memset(s, 0, sizeof(*s));
+}
+
+void crimage_pull_status_list_free(crimage_pull_status *list, size_t n)
+{
+  if (!list)
+    return;
+  for (size_t i = 0; i < n; i++)
+    crimage_pull_status_clear(&list[i]);
+  free(list);
+}
+
+int crimage_client_list_pulls(crimage_client *c, bool include_ended, crimage_pull_status **ret, size_t *ret_n,
+                              crimage_error **err)
+{
+  Crimage__V1__ListPullsRequest req;
+  crimage__v1__list_pulls_request__init(&req);
+  req.include_ended = include_ended;
+  ProtobufCMessage *reply = NULL;
+  int r = unary_call_service(c, PROGRESS_SERVICE, "ListPulls", &req.base, &crimage__v1__list_pulls_response__descriptor,
+                             &reply, err);
+  if (r < 0)
+    return r;
+  Crimage__V1__ListPullsResponse *resp = (Crimage__V1__ListPullsResponse *) reply;
+  crimage_pull_status *list = xcalloc(resp->n_pulls + 1, sizeof(*list));
+  size_t n = 0;
+  for (size_t i = 0; i < resp->n_pulls; i++)
+    if (resp->pulls[i])
+      pull_status_from_proto(&list[n++], resp->pulls[i]);
+  free_reply(reply);
+  *ret = list;
+  *ret_n = n;
+  return 0;
+}
+
+typedef struct watch_ctx {
+  crimage_pull_watch_fn fn;
+  void *userdata;
+} watch_ctx;
+
+static int watch_message(void *ud, const ProtobufCMessage *msg)
+{
+  watch_ctx *w = ud;
+  crimage_pull_status s;
+  pull_status_from_proto(&s, (const Crimage__V1__PullStatus *) msg);
+  int r = w->fn(w->userdata, &s);
+  crimage_pull_status_clear(&s);
+  return r;
+}
+
+int crimage_client_watch_pull(crimage_client *c, const char *image, const char *runtime_handler,
+                              crimage_pull_watch_fn fn, void *userdata, crimage_error **err)
+{
+  if (str_empty(image))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "no image given");
+  Crimage__V1__WatchPullRequest req;
+  crimage__v1__watch_pull_request__init(&req);
+  req.image = req_str(image);
+  req.runtime_handler = req_str(runtime_handler);
+  watch_ctx w = {fn, userdata};
+  return stream_call(c, PROGRESS_SERVICE, "WatchPull", &req.base, &crimage__v1__pull_status__descriptor,
+                     watch_message, &w, err);
 }

@@ -24,6 +24,9 @@ void config_init(crimaged_config *cfg)
       .pull_backoff_initial_ms = 10 * 1000,
       .pull_backoff_max_ms = 300 * 1000,
       .shutdown_grace_period_ms = 10 * 1000,
+      .metrics_address = xstrdup(""),
+      .kubelet_root_dir = xstrdup("/var/lib/kubelet"),
+      .credential_provider_timeout_ms = 60 * 1000,
   };
 }
 
@@ -44,13 +47,17 @@ void config_clear(crimaged_config *cfg)
   for (size_t i = 0; i < cfg->n_registries; i++)
     registry_host_clear(&cfg->registries[i]);
   free(cfg->registries);
-  for (size_t i = 0; i < cfg->n_handlers; i++)
+  for (size_t i = 0; i < cfg->n_handlers; i++) {
     free(cfg->handlers[i].name);
+    free(cfg->handlers[i].root);
+  }
   free(cfg->handlers);
   strv_free(cfg->docker_config_paths);
   free(cfg->credential_provider_config);
   free(cfg->credential_provider_bin_dir);
   free(cfg->pull_secrets_dir);
+  free(cfg->kubelet_root_dir);
+  free(cfg->metrics_address);
   *cfg = (crimaged_config){0};
 }
 
@@ -216,6 +223,14 @@ static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **e
         if (r < 0)
           return crimage_error_wrap(err, "config key runtimeHandlers.%s.platform", name);
         h->has_platform = true;
+      } else if (streq(k, "root")) {
+        cleanup_free char *path = xasprintf("runtimeHandlers.%s.root", name);
+        int r = get_string(val, path, &h->root, err);
+        if (r < 0)
+          return r;
+        if (h->root[0] != '/')
+          return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                                   "config key runtimeHandlers.%s.root: must be an absolute path", name);
       } else {
         return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key runtimeHandlers.%s.%s", name,
                                  k);
@@ -300,8 +315,14 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = get_string(v, key, &cfg->credential_provider_bin_dir, err);
     else if (streq(key, "pullSecretsDir"))
       r = get_string(v, key, &cfg->pull_secrets_dir, err);
+    else if (streq(key, "kubeletRootDir"))
+      r = get_string(v, key, &cfg->kubelet_root_dir, err);
+    else if (streq(key, "credentialProviderTimeout"))
+      r = get_duration(v, key, &cfg->credential_provider_timeout_ms, err);
     else if (streq(key, "shutdownGracePeriod"))
       r = get_duration(v, key, &cfg->shutdown_grace_period_ms, err);
+    else if (streq(key, "metricsAddress"))
+      r = get_string(v, key, &cfg->metrics_address, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
     if (r < 0)

@@ -34,7 +34,10 @@ typedef struct crimaged_config {
   char *credential_provider_config;
   char *credential_provider_bin_dir;
   char *pull_secrets_dir;
+  char *kubelet_root_dir;                 /* first place of kubelet's docker config search */
+  int64_t credential_provider_timeout_ms; /* how long a credential provider plugin may run */
   int64_t shutdown_grace_period_ms;
+  char *metrics_address; /* "" = no metrics listener */
 } crimaged_config;
 
 void config_init(crimaged_config *cfg);

@@ -128,6 +128,52 @@ void crimage_image_free(crimage_image *img);
 void crimage_image_list_free(crimage_image **images, size_t n);
 void crimage_fs_usage_free(crimage_fs_usage *usage, size_t n);
 
+/* ---- Progress of pulls: crimaged's own service crimage.v1.PullProgress on the same socket. ---- */
+typedef enum crimage_pull_state {
+  CRIMAGE_PULL_QUEUED,
+  CRIMAGE_PULL_RUNNING,
+  CRIMAGE_PULL_SUCCEEDED,
+  CRIMAGE_PULL_FAILED,
+} crimage_pull_state;
+
+typedef struct crimage_pull_blob {
+  char *digest;
+  uint64_t done;  /* bytes present so far */
+  uint64_t total; /* the blob's size */
+  bool finished;
+} crimage_pull_blob;
+
+typedef struct crimage_pull_status {
+  uint64_t id;
+  char *reference; /* normalized */
+  char *runtime_handler;
+  char *pod_uid;
+  crimage_pull_state state;
+  int64_t created_unix_ms; /* the first PullImage call for it */
+  int64_t started_unix_ms; /* left the queue; 0 while queued */
+  int64_t ended_unix_ms;   /* 0 while not over */
+  uint64_t bytes_done;
+  uint64_t bytes_total; /* 0 until the manifest is resolved */
+  crimage_pull_blob *blobs;
+  size_t n_blobs;
+  unsigned waiters; /* PullImage calls waiting for it */
+  char *error;      /* when failed, else "" */
+} crimage_pull_status;
+
+/* The pulls queued or running (with include_ended, also the last ones that ended), oldest first. Free with
+ * crimage_pull_status_list_free(*ret, *ret_n). */
+int crimage_client_list_pulls(crimage_client *c, bool include_ended, crimage_pull_status **ret, size_t *ret_n,
+                              crimage_error **err);
+/* Called for each update of a watched pull; return non-zero to stop watching. */
+typedef int (*crimage_pull_watch_fn)(void *userdata, const crimage_pull_status *status);
+/* Follows the pull of image for runtime_handler until it ends (the last update has state SUCCEEDED or FAILED) or
+ * fn asks to stop; updates come on every change and at least once a second. NOT_FOUND when no such pull is queued
+ * or running. */
+int crimage_client_watch_pull(crimage_client *c, const char *image, const char *runtime_handler,
+                              crimage_pull_watch_fn fn, void *userdata, crimage_error **err);
+void crimage_pull_status_clear(crimage_pull_status *s);
+void crimage_pull_status_list_free(crimage_pull_status *list, size_t n);
+
 #ifdef __cplusplus
 }
 #endif

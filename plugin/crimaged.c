@@ -12,8 +12,10 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "cri/image_service.h"
+#include "cri/progress_service.h"
 #include "cri/server.h"
 #include "plugin/config.h"
+#include "plugin/metrics.h"
 #include "pull/puller.h"
 #include "pull/store.h"
 
@@ -29,7 +31,19 @@ typedef struct daemon_ctx {
   puller *puller;
   scheduler *scheduler;
   backoff *backoff;
+  progress_tracker *progress; /* running pulls and the counters behind the metrics */
+  pull_credentials *credentials; /* for pulls that carry none */
   image_service *images;
+  progress_service *progress_svc;
+  metrics_server *metrics;
+  /* Stores of their own (runtimeHandlers.<name>.root): one entry per handler; a root shared by several handlers
+   * is opened once. all_stores lists every distinct store, the main one first; lock_fds the locks of the others. */
+  handler_store *handler_stores;
+  size_t n_handler_stores;
+  store **all_stores;
+  puller **extra_pullers;
+  int *lock_fds;
+  size_t n_all_stores;
   rpc_server *server;
   bool socket_is_ours; /* bound here (not passed in by systemd), so removed at exit */
 } daemon_ctx;
@@ -146,22 +160,63 @@ static int parse_args(int argc, char **argv, crimaged_config *cfg, crimage_error
 }
 
 /* One daemon per root: a second one would corrupt the index. */
-static int lock_root(daemon_ctx *d, crimage_error **err)
+static int lock_dir(const char *root, int *ret_fd, crimage_error **err)
 {
-  int r = mkdir_p(d->cfg.root, 0700, err);
+  int r = mkdir_p(root, 0700, err);
   if (r < 0)
     return r;
-  cleanup_free char *path = xasprintf("%s/crimaged.lock", d->cfg.root);
+  cleanup_free char *path = xasprintf("%s/crimaged.lock", root);
   cleanup_close int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0)
     return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "open lock file `%s`", path);
   if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
     if (errno == EWOULDBLOCK)
       return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
-                               "another crimaged is using the store at `%s`", d->cfg.root);
+                               "another crimaged is using the store at `%s`", root);
     return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "lock `%s`", path);
   }
-  d->lock_fd = TAKE_FD(fd);
+  *ret_fd = TAKE_FD(fd);
+  return 0;
+}
+
+static int lock_root(daemon_ctx *d, crimage_error **err) { return lock_dir(d->cfg.root, &d->lock_fd, err); }
+
+/* Opens the stores of handlers with a root of their own, each with a puller. */
+static int open_handler_stores(daemon_ctx *d, const puller_options *po, crimage_error **err)
+{
+  d->all_stores = xcalloc(d->cfg.n_handlers + 1, sizeof(*d->all_stores));
+  d->extra_pullers = xcalloc(d->cfg.n_handlers + 1, sizeof(*d->extra_pullers));
+  d->lock_fds = xcalloc(d->cfg.n_handlers + 1, sizeof(*d->lock_fds));
+  d->handler_stores = xcalloc(d->cfg.n_handlers + 1, sizeof(*d->handler_stores));
+  d->all_stores[0] = d->store;
+  d->extra_pullers[0] = d->puller;
+  d->lock_fds[0] = -1;
+  d->n_all_stores = 1;
+  for (size_t i = 0; i < d->cfg.n_handlers; i++) {
+    const handler_config *h = &d->cfg.handlers[i];
+    if (!h->root || streq(h->root, d->cfg.root))
+      continue;
+    size_t k = 1;
+    while (k < d->n_all_stores && !streq(store_root(d->all_stores[k]), h->root))
+      k++;
+    if (k == d->n_all_stores) {
+      int fd = -1;
+      int r = lock_dir(h->root, &fd, err);
+      if (r < 0)
+        return crimage_error_wrap(err, "runtime handler \"%s\"", h->name);
+      d->lock_fds[k] = fd;
+      d->n_all_stores++;
+      r = store_open(h->root, &d->all_stores[k], err);
+      if (r < 0)
+        return crimage_error_wrap(err, "opening the store of runtime handler \"%s\"", h->name);
+      r = puller_new(d->all_stores[k], po, &d->extra_pullers[k], err);
+      if (r < 0)
+        return r;
+      log_info("runtime handler \"%s\" keeps its images in %s", h->name, h->root);
+    }
+    d->handler_stores[d->n_handler_stores++] =
+        (handler_store){.handler = h->name, .store = d->all_stores[k], .puller = d->extra_pullers[k]};
+  }
   return 0;
 }
 
@@ -210,6 +265,9 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   r = puller_new(d->store, &po, &d->puller, err);
   if (r < 0)
     return r;
+  r = open_handler_stores(d, &po, err);
+  if (r < 0)
+    return r;
 
   scheduler_options so;
   scheduler_options_init(&so);
@@ -220,6 +278,18 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
     return r;
   if (d->cfg.pull_backoff_enabled)
     d->backoff = backoff_new(d->cfg.pull_backoff_initial_ms, d->cfg.pull_backoff_max_ms, 0);
+  d->progress = progress_tracker_new(0);
+  pull_credentials_options co = {
+      .docker_config_paths = d->cfg.docker_config_paths,
+      .kubelet_root_dir = d->cfg.kubelet_root_dir,
+      .provider_config = d->cfg.credential_provider_config,
+      .provider_bin_dir = d->cfg.credential_provider_bin_dir,
+      .provider_timeout_ms = d->cfg.credential_provider_timeout_ms,
+      .secrets_dir = d->cfg.pull_secrets_dir,
+  };
+  r = pull_credentials_new(&co, &d->credentials, err);
+  if (r < 0)
+    return r;
 
   image_service_options io = {
       .default_registry = d->cfg.default_registry,
@@ -228,6 +298,10 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       .reject_unknown_handlers = d->cfg.reject_unknown_runtime_handlers,
       .scheduler = d->scheduler,
       .backoff = d->backoff,
+      .progress = d->progress,
+      .credentials = d->credentials,
+      .handler_stores = d->handler_stores,
+      .n_handler_stores = d->n_handler_stores,
   };
   r = image_service_new(d->store, d->puller, &io, &d->images, err);
   if (r < 0)
@@ -239,6 +313,21 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   r = image_service_register(d->images, d->server, err);
   if (r < 0)
     return r;
+  d->progress_svc = progress_service_new(d->progress, d->cfg.default_registry);
+  r = progress_service_register(d->progress_svc, d->server, err);
+  if (r < 0)
+    return r;
+  if (!str_empty(d->cfg.metrics_address)) {
+    metrics_sources ms = {
+        .progress = d->progress,
+        .scheduler = d->scheduler,
+        .stores = d->all_stores,
+        .n_stores = d->n_all_stores,
+    };
+    r = metrics_server_start(d->cfg.metrics_address, &ms, &d->metrics, err);
+    if (r < 0)
+      return r;
+  }
   int fd = -1;
   r = open_listener(d, &fd, err);
   if (r < 0)
@@ -257,9 +346,24 @@ static void daemon_stop(daemon_ctx *d)
   }
   if (d->socket_is_ours)
     unlink(d->cfg.socket);
+  metrics_server_stop(d->metrics);
+  progress_service_free(d->progress_svc);
   image_service_free(d->images);
+  pull_credentials_free(d->credentials);
   scheduler_free(d->scheduler);
   backoff_free(d->backoff);
+  progress_tracker_free(d->progress);
+  /* Index 0 is the main store and puller, freed below. */
+  for (size_t i = 1; i < d->n_all_stores; i++) {
+    puller_free(d->extra_pullers[i]);
+    store_close(d->all_stores[i]);
+    if (d->lock_fds[i] >= 0)
+      close(d->lock_fds[i]);
+  }
+  free(d->all_stores);
+  free(d->extra_pullers);
+  free(d->lock_fds);
+  free(d->handler_stores);
   puller_free(d->puller);
   store_close(d->store);
   if (d->lock_fd >= 0)
