@@ -8,9 +8,11 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <string.h>
+#include <isa-l/igzip_lib.h>
 
 #include "common/digest.h"
 #include "common/dynbuf.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "pull/manifest.h"
@@ -18,6 +20,7 @@
 
 #define PULL_BLOB_ATTEMPTS 3 /* tries per blob when the connection breaks; each resumes where the last stopped */
 #define PULL_MAX_CONCURRENT 16
+#define UNPACK_CHUNK (128 * 1024) /* inflate output per call, allocated once per layer */
 
 struct puller {
   store *store;
@@ -152,6 +155,127 @@ static int verify_digest(const char *expected, const char *data, size_t len, con
   return 0;
 }
 
+/* ---- uncompressed digest (diff_id) ----
+ * A gzip layer is inflated as its bytes arrive, in the same pass that writes and hashes them, and the uncompressed
+ * bytes are hashed; at the end the result must equal the config's rootfs.diff_ids[i]. The inflated bytes go nowhere
+ * else: one output buffer per layer is reused for every chunk. */
+
+typedef struct layer_check {
+  const char *diff_id; /* expected, from the config */
+  struct inflate_state zs; /* ISA-L's inflate: about 2.5 times zlib's speed, and CPU is what a pull spends */
+  bool member_end; /* the last gzip member ended; more bytes start another member */
+  digester *d;
+  unsigned char *out;
+} layer_check;
+
+static void layer_check_free(layer_check *c)
+{
+  if (!c)
+    return;
+  digester_free(c->d);
+  free(c->out);
+  free(c);
+}
+
+static void inflate_start(layer_check *c)
+{
+  isal_inflate_init(&c->zs);
+  c->zs.crc_flag = ISAL_GZIP; /* a gzip wrapper; its CRC-32 and length are checked too */
+  c->member_end = false;
+}
+
+static layer_check *layer_check_new(const char *diff_id)
+{
+  const char *colon = strchr(diff_id, ':');
+  cleanup_free char *alg = xstrndup(diff_id, colon ? (size_t) (colon - diff_id) : 0);
+  digester *d = digester_new(alg);
+  if (!d)
+    return NULL;
+  layer_check *c = xcalloc(1, sizeof(*c));
+  c->diff_id = diff_id;
+  c->d = d;
+  c->out = xmalloc(UNPACK_CHUNK);
+  inflate_start(c);
+  return c;
+}
+
+static void layer_check_reset(layer_check *c)
+{
+  char scratch[DIGEST_MAX_LEN + 1];
+  inflate_start(c);
+  digester_final(c->d, scratch); /* resets it */
+}
+
+static int layer_check_feed(void *userdata, const void *data, size_t len, crimage_error **err)
+{
+  layer_check *c = userdata;
+  const unsigned char *p = data;
+  while (len > 0) {
+    /* avail_in is 32 bits */
+    uint32_t n = len > (1u << 30) ? (1u << 30) : (uint32_t) len;
+    c->zs.next_in = (uint8_t *) p;
+    c->zs.avail_in = n;
+    for (;;) {
+      if (c->member_end) {
+        if (c->zs.avail_in == 0)
+          break;
+        /* Concatenated gzip members form one stream (RFC 1952 §2.2). */
+        uint8_t *next = c->zs.next_in;
+        uint32_t avail = c->zs.avail_in;
+        inflate_start(c);
+        c->zs.next_in = next;
+        c->zs.avail_in = avail;
+      }
+      c->zs.next_out = c->out;
+      c->zs.avail_out = UNPACK_CHUNK;
+      int zr = isal_inflate(&c->zs);
+      if (zr < 0)
+        return crimage_error_set(err, CRIMAGE_DATA_LOSS, EBADMSG, "layer is not a valid gzip stream (error %d)", zr);
+      size_t produced = UNPACK_CHUNK - c->zs.avail_out;
+      if (produced)
+        digester_update(c->d, c->out, produced);
+      if (c->zs.block_state == ISAL_BLOCK_FINISH)
+        c->member_end = true;
+      else if (c->zs.avail_out > 0 && c->zs.avail_in == 0)
+        break; /* needs more input */
+    }
+    p += n;
+    len -= n;
+  }
+  return 0;
+}
+
+static int layer_check_finish(layer_check *c, crimage_error **err)
+{
+  if (!c->member_end)
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EBADMSG, "layer gzip stream is truncated");
+  char got[DIGEST_MAX_LEN + 1];
+  digester_final(c->d, got);
+  if (!streq(got, c->diff_id))
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EBADMSG,
+                             "uncompressed layer hashes to %s, the image config's diff_id is %s", got, c->diff_id);
+  return 0;
+}
+
+typedef enum layer_compression {
+  LAYER_OTHER, /* config, foreign or unknown media types: no diff_id check */
+  LAYER_PLAIN,
+  LAYER_GZIP,
+} layer_compression;
+
+static layer_compression layer_compression_of(const char *media_type)
+{
+  if (!media_type)
+    return LAYER_OTHER;
+  if (str_has_suffix(media_type, "+gzip") || str_has_suffix(media_type, ".tar.gzip"))
+    return LAYER_GZIP;
+  if (str_has_suffix(media_type, "layer.v1.tar") || str_has_suffix(media_type, "rootfs.diff.tar"))
+    return LAYER_PLAIN;
+  /* +zstd layers are not checked: that would need libzstd for the inflate step only; their compressed digest is
+   * still verified as they arrive. */
+  return LAYER_OTHER;
+}
+
 /* ---- blob downloads ---- */
 
 typedef struct pull_job pull_job;
@@ -160,6 +284,7 @@ typedef struct blob_task {
   const manifest_descriptor *desc;
   pull_job *job;
   store_ingest *ingest;
+  layer_check *check; /* NULL: no diff_id check */
   uint64_t base; /* ingest offset when the current request started */
 } blob_task;
 
@@ -167,7 +292,8 @@ struct pull_job {
   puller *p;
   const pull_request *req;
   registry_repo *repo;
-  const manifest_descriptor **blobs; /* config first, then layers */
+  const manifest_descriptor **blobs;
+  const char **diff_ids; /* per blob: the expected uncompressed digest, NULL = none */
   size_t n_blobs;
 
   pthread_mutex_t lock;
@@ -207,17 +333,46 @@ static void task_progress(void *userdata, uint64_t received)
 static int sink_write(void *userdata, const void *data, size_t len, crimage_error **err)
 {
   blob_task *t = userdata;
-  return store_ingest_write(t->ingest, data, len, err);
+  int r = store_ingest_write(t->ingest, data, len, err);
+  if (r < 0 || !t->check)
+    return r;
+  return layer_check_feed(t->check, data, len, err);
 }
 
 static int sink_restart(void *userdata, crimage_error **err)
 {
   blob_task *t = userdata;
   t->base = 0;
+  if (t->check)
+    layer_check_reset(t->check);
   return store_ingest_truncate(t->ingest, err);
 }
 
-static int download_blob(pull_job *j, const manifest_descriptor *desc, crimage_error **err)
+/* The diff_id check of one layer download, or NULL. A plain tar's diff_id is its digest: compared, not hashed. */
+static int blob_check_new(const pull_job *j, const manifest_descriptor *desc, const char *diff_id,
+                          layer_check **ret, crimage_error **err)
+{
+  *ret = NULL;
+  if (!diff_id)
+    return 0;
+  switch (layer_compression_of(desc->media_type)) {
+  case LAYER_PLAIN:
+    if (!streq(diff_id, desc->digest))
+      return crimage_error_set(err, CRIMAGE_DATA_LOSS, 0,
+                               "registry %s: uncompressed layer %s does not match the image config's diff_id %s",
+                               registry_repo_host(j->repo), desc->digest, diff_id);
+    return 0;
+  case LAYER_GZIP:
+    *ret = layer_check_new(diff_id);
+    if (!*ret)
+      log_debug("layer %s: diff_id %s not checked (unsupported algorithm)", desc->digest, diff_id);
+    return 0;
+  default:
+    return 0;
+  }
+}
+
+static int download_blob(pull_job *j, const manifest_descriptor *desc, const char *diff_id, crimage_error **err)
 {
   store *s = j->p->store;
   uint64_t have = 0;
@@ -228,15 +383,37 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, crimage_e
   emit(j->req, PULL_EVENT_BLOB_START, desc->digest, 0, (uint64_t) desc->size);
 
   blob_task t = {.desc = desc, .job = j};
-  int r = store_ingest_begin(s, desc->digest, desc->size, &t.ingest, err);
+  int r = blob_check_new(j, desc, diff_id, &t.check, err);
+  if (r < 0)
+    return r;
+  /* A pull of the same blob in progress elsewhere (another pull of this or another image sharing the layer) holds
+   * its ingest lock: we wait for it without a timeout and without a request of our own (but stop when this pull is
+   * cancelled), then find the blob committed (-EEXIST), or, when that pull failed, resume from what it left. */
+  r = store_ingest_begin_cancellable(s, desc->digest, desc->size, job_cancelled, &t, &t.ingest, err);
   if (r == -EEXIST) {
     /* Another writer finished it while we waited for its lock. */
-    crimage_error_clear(err);
+    layer_check_free(t.check);
     emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, (uint64_t) desc->size, (uint64_t) desc->size);
     return 0;
   }
-  if (r < 0)
+  if (r < 0) {
+    layer_check_free(t.check);
     return r;
+  }
+  if (t.check && store_ingest_offset(t.ingest) > 0) {
+    /* Resuming: the inflater catches up on the partial bytes first (read once; only on this path). */
+    cleanup_error crimage_error *e = NULL;
+    if (store_ingest_replay(t.ingest, layer_check_feed, t.check, &e) < 0) {
+      log_info("partial layer %s: %s; downloading it again", desc->digest, e->message);
+      layer_check_reset(t.check);
+      r = store_ingest_truncate(t.ingest, err);
+      if (r < 0) {
+        store_ingest_abort(t.ingest, false);
+        layer_check_free(t.check);
+        return r;
+      }
+    }
+  }
 
   registry_sink sink = {.write = sink_write, .restart = sink_restart, .userdata = &t};
   registry_xfer x = {.cancelled = job_cancelled, .progress = task_progress, .userdata = &t};
@@ -253,13 +430,23 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, crimage_e
     /* A broken connection is worth another try from where it stopped; anything else is final. */
     bool retry = e && e->status == CRIMAGE_UNAVAILABLE && attempt < PULL_BLOB_ATTEMPTS && !job_cancelled(&t);
     if (!retry) {
-      /* Keep what arrived: a later pull resumes from it. */
-      store_ingest_abort(t.ingest, true);
+      /* Keep what arrived for a later pull to resume from, unless it is known bad. */
+      store_ingest_abort(t.ingest, !(e && e->status == CRIMAGE_DATA_LOSS));
+      layer_check_free(t.check);
       if (err && !*err)
         *err = TAKE_PTR(e);
       return r;
     }
     log_info("registry %s: blob %s: %s; retrying", registry_repo_host(j->repo), desc->digest, e->message);
+  }
+  if (t.check) {
+    /* Before the commit: a layer whose content is not what the config says never becomes visible. */
+    r = layer_check_finish(t.check, err);
+    layer_check_free(t.check);
+    if (r < 0) {
+      store_ingest_abort(t.ingest, false);
+      return crimage_error_wrap(err, "registry %s: layer %s", registry_repo_host(j->repo), desc->digest);
+    }
   }
   r = store_ingest_commit(t.ingest, err);
   if (r < 0)
@@ -277,11 +464,11 @@ static void *worker(void *arg)
       pthread_mutex_unlock(&j->lock);
       return NULL;
     }
-    const manifest_descriptor *d = j->blobs[j->next++];
+    size_t i = j->next++;
     pthread_mutex_unlock(&j->lock);
 
     crimage_error *e = NULL;
-    int r = download_blob(j, d, &e);
+    int r = download_blob(j, j->blobs[i], j->diff_ids ? j->diff_ids[i] : NULL, &e);
     if (r < 0) {
       pthread_mutex_lock(&j->lock);
       /* The first real error wins over the CANCELLED it causes in the other transfers. */
@@ -378,21 +565,104 @@ static int fetch_manifest(registry_repo *repo, const pull_request *req, const ch
   return 0;
 }
 
-/* True when the image is already recorded for this handler with the same manifest and all its blobs. */
-static bool already_stored(puller *p, const char *handler, const char *config_digest, const char *manifest_digest)
+static bool image_blobs_present(puller *p, const store_image *img)
 {
-  cleanup_store_image store_image *img = NULL;
-  cleanup_error crimage_error *e = NULL;
-  if (store_find_image(p->store, handler, config_digest, &img, &e) <= 0)
-    return false;
-  if (!streq_ptr(img->manifest_digest, manifest_digest))
-    return false;
-  if (!store_blob_exists(p->store, manifest_digest, NULL) || !store_blob_exists(p->store, config_digest, NULL))
+  if (!store_blob_exists(p->store, img->manifest_digest, NULL) || !store_blob_exists(p->store, img->id, NULL))
     return false;
   for (char **l = img->layers; l && *l; l++)
     if (!store_blob_exists(p->store, *l, NULL))
       return false;
   return true;
+}
+
+/* The stored image when it is already recorded for this handler with the same manifest and all its blobs. */
+static store_image *already_stored(puller *p, const char *handler, const char *config_digest,
+                                   const char *manifest_digest)
+{
+  cleanup_store_image store_image *img = NULL;
+  cleanup_error crimage_error *e = NULL;
+  if (store_find_image(p->store, handler, config_digest, &img, &e) <= 0)
+    return NULL;
+  if (!streq_ptr(img->manifest_digest, manifest_digest) || !image_blobs_present(p, img))
+    return NULL;
+  return TAKE_PTR(img);
+}
+
+/* The `Always` fast path: when name:tag is stored for this handler, one HEAD tells whether the tag still resolves
+ * to the digest pulled for it (the image carries name@<that digest>). Returns 1 with *res filled when unchanged
+ * (no GET, no blob request, no store write), 0 when the full pull must run (tag not stored, digest changed, or the
+ * registry sent no Docker-Content-Digest or failed the HEAD: the GET then gives the real answer). */
+static int try_unchanged(puller *p, const pull_request *req, registry_repo *repo, const char *name,
+                         const char *handler, const char *want_platform, pull_result *res, crimage_error **err)
+{
+  cleanup_free char *tagged = xasprintf("%s:%s", name, req->ref->tag);
+  cleanup_store_image store_image *img = NULL;
+  cleanup_error crimage_error *e = NULL;
+  if (store_find_image(p->store, handler, tagged, &img, &e) <= 0)
+    return 0;
+  /* An image resolved from an index stands for the platform it was resolved for only. */
+  if (!img->platform || (*img->platform && !streq(img->platform, want_platform)))
+    return 0;
+  registry_xfer x = {.cancelled = req_cancelled, .userdata = (void *) req};
+  cleanup_free char *digest = NULL;
+  int r = registry_head_manifest(repo, req->ref->tag, &x, &digest, NULL, NULL, &e);
+  if (r < 0) {
+    if (e->status == CRIMAGE_CANCELLED) {
+      if (err && !*err)
+        *err = TAKE_PTR(e);
+      return r;
+    }
+    log_debug("%s: %s; fetching the manifest instead", tagged, e->message);
+    return 0;
+  }
+  if (!digest) {
+    log_debug("%s: registry %s sent no Docker-Content-Digest; fetching the manifest", tagged,
+              registry_repo_host(repo));
+    return 0;
+  }
+  cleanup_free char *pulled_as = xasprintf("%s@%s", name, digest);
+  if (!strv_contains(img->repo_digests, pulled_as) || !image_blobs_present(p, img))
+    return 0;
+  emit(req, PULL_EVENT_RESOLVED, NULL, 0, img->size);
+  res->image_id = xstrdup(img->id);
+  res->repo_digest = TAKE_PTR(digest);
+  res->manifest_digest = xstrdup(img->manifest_digest);
+  res->unchanged = true;
+  return 1;
+}
+
+/* Config.User and rootfs.diff_ids of an image config. *ret_diff_ids (NULL-terminated) is NULL when the config has
+ * none or they cannot be matched to the layers (n_skipped foreign layers were left out of the manifest). */
+static int parse_config(const char *data, size_t len, size_t n_layers, size_t n_skipped, char **ret_user,
+                        char ***ret_diff_ids, crimage_error **err)
+{
+  cleanup_json json_object *root = NULL;
+  int r = json_parse(data, len, "image config", &root, err);
+  if (r < 0)
+    return r;
+  if (!json_object_is_type(root, json_type_object))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config is not a JSON object");
+  const char *user = json_get_string(json_get_object(root, "config"), "User");
+  json_object *ids = json_get_array(json_get_object(root, "rootfs"), "diff_ids");
+  size_t n = ids ? json_object_array_length(ids) : 0;
+  char **diff_ids = NULL;
+  if (ids && n_skipped == 0) {
+    if (n != n_layers)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config lists %zu diff_ids for %zu layers", n,
+                               n_layers);
+    diff_ids = xcalloc(n + 1, sizeof(char *));
+    for (size_t i = 0; i < n; i++) {
+      const char *d = json_object_get_string(json_object_array_get_idx(ids, i));
+      if (!d || !digest_valid(d)) {
+        strv_free(diff_ids);
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config: diff_ids[%zu] is not a digest", i);
+      }
+      diff_ids[i] = xstrdup(d);
+    }
+  }
+  *ret_user = xstrdup(user ? user : "");
+  *ret_diff_ids = diff_ids;
+  return 0;
 }
 
 /* Where one attempt of a pull goes: a mirror or the upstream registry. */
@@ -425,6 +695,20 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
   const char *reference = ref->digest ? ref->digest : ref->tag;
   if (!reference)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "reference has neither a tag nor a digest");
+  cleanup_free char *name = reference_name(ref);
+  platform want;
+  if (req->platform)
+    want = *req->platform;
+  else
+    platform_host(&want);
+  platform_normalize(&want);
+  char want_str[128];
+  platform_string(&want, want_str, sizeof(want_str));
+  if (ref->tag && !ref->digest) {
+    r = try_unchanged(p, req, st->repo, name, handler, want_str, res, err);
+    if (r != 0)
+      return r < 0 ? r : 0;
+  }
   cleanup_free char *repo_digest = NULL;
   manifest *top = NULL;
   size_t top_len = 0;
@@ -433,13 +717,8 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
     return r;
 
   cleanup_free char *manifest_digest = NULL;
-  if (top->kind == MANIFEST_KIND_INDEX) {
-    platform want;
-    if (req->platform)
-      want = *req->platform;
-    else
-      platform_host(&want);
-    platform_normalize(&want);
+  bool from_index = top->kind == MANIFEST_KIND_INDEX;
+  if (from_index) {
     const manifest_descriptor *d = NULL;
     r = manifest_select_platform(top, &want, &d, err);
     if (r < 0) {
@@ -473,37 +752,42 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
     total += (uint64_t) m->layers[i].size;
   emit(req, PULL_EVENT_RESOLVED, NULL, 0, total);
 
-  cleanup_free char *name = reference_name(ref);
-  bool unchanged = already_stored(p, handler, m->config.digest, manifest_digest);
+  cleanup_store_image store_image *stored = already_stored(p, handler, m->config.digest, manifest_digest);
+  bool unchanged = stored != NULL;
   cleanup_free char *user = NULL;
-  if (!unchanged) {
+  if (unchanged) {
+    user = xstrdup(stored->user ? stored->user : "");
+  } else {
     r = store_blob_put(p->store, manifest_digest, st->body, st->body_len, err);
     if (r < 0)
       return r;
     pull_job j = {.p = p, .req = req, .repo = st->repo};
-    j.n_blobs = 1 + m->n_layers;
-    j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));
-    j.blobs[0] = &m->config;
-    for (size_t i = 0; i < m->n_layers; i++)
-      j.blobs[1 + i] = &m->layers[i];
     pthread_mutex_init(&j.lock, NULL);
-    r = download_all(&j, err);
+    /* The config first: its diff_ids are what the layers are checked against. */
+    r = download_blob(&j, &m->config, NULL, err);
+    cleanup_strv char **diff_ids = NULL;
+    if (r == 0) {
+      cleanup_free char *cfg = NULL;
+      size_t cfg_len = 0;
+      r = store_blob_read(p->store, m->config.digest, IMAGE_CONFIG_MAX_SIZE, &cfg, &cfg_len, err);
+      if (r == 0) {
+        r = parse_config(cfg, cfg_len, m->n_layers, m->n_skipped_layers, &user, &diff_ids, err);
+        if (r < 0)
+          crimage_error_wrap(err, "image %s", m->config.digest);
+      }
+    }
+    if (r == 0 && m->n_layers > 0) {
+      j.n_blobs = m->n_layers;
+      j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));
+      for (size_t i = 0; i < m->n_layers; i++)
+        j.blobs[i] = &m->layers[i];
+      j.diff_ids = (const char **) diff_ids;
+      r = download_all(&j, err);
+      free(j.blobs);
+    }
     pthread_mutex_destroy(&j.lock);
-    free(j.blobs);
     if (r < 0)
       return r;
-  }
-
-  /* Config.User is recorded with the image (kubelet checks runAsNonRoot against it). */
-  {
-    cleanup_free char *cfg = NULL;
-    size_t cfg_len = 0;
-    r = store_blob_read(p->store, m->config.digest, IMAGE_CONFIG_MAX_SIZE, &cfg, &cfg_len, err);
-    if (r < 0)
-      return r;
-    r = image_config_user(cfg, cfg_len, &user, err);
-    if (r < 0)
-      return crimage_error_wrap(err, "image %s", m->config.digest);
   }
 
   const char **layers = xcalloc(m->n_layers + 1, sizeof(*layers));
@@ -521,6 +805,7 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
       .layers = layers,
       .size = total,
       .user = user,
+      .platform = from_index ? want_str : "",
   };
   r = store_record_image(p->store, &rec, err);
   free(layers);
@@ -571,6 +856,9 @@ int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_er
   dynbuf_init(&tried, 4096);
   int r = 0;
   pull_result res = {0};
+  /* From before the first look at which blobs are present until the image is recorded: a concurrent RemoveImage
+   * then defers deleting a shared blob this pull decided not to download. */
+  store_hold(p->store);
   for (size_t i = 0; i < n; i++) {
     pull_state st = {0};
     crimage_error *e = NULL;
@@ -594,6 +882,7 @@ int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_er
       crimage_error_clear(&e);
     break;
   }
+  store_release(p->store);
   for (size_t i = 0; i < n; i++) {
     free(eps[i].url);
     free(eps[i].host);

@@ -30,6 +30,7 @@
 #define MEDIA_TYPE_MAX_LEN 256
 #define KEY_MAX_LEN 8192
 #define ID_PREFIX_MIN 3
+#define INGEST_WRITEBACK_STEP ((uint64_t) 8 << 20)
 
 #define OCI_INDEX_MEDIA_TYPE "application/vnd.oci.image.index.v1+json"
 #define ANN_REF_NAME "org.opencontainers.image.ref.name"
@@ -39,6 +40,8 @@
 #define ANN_ID "io.crimage.image.id"
 #define ANN_SIZE "io.crimage.image.size"
 #define ANN_USER "io.crimage.image.user"
+#define ANN_PLATFORM "io.crimage.image.platform"
+#define PLATFORM_MAX_LEN 100
 #define ANN_CREATED "io.crimage.created"
 #define ANN_LAYERS "io.crimage.layers"
 
@@ -53,6 +56,7 @@ typedef struct record {
   char **layers;       /* never NULL */
   uint64_t size;
   char *user;
+  char *platform; /* what an index was resolved for, "" for a lone manifest, NULL unknown */
   int64_t created_ns;
 } record;
 
@@ -84,6 +88,7 @@ struct store_ingest {
   int fd;
   digester *d;
   uint64_t offset;
+  uint64_t flushed; /* writeback started up to here (sync_file_range) */
   int64_t expected;
 };
 
@@ -101,6 +106,7 @@ static void record_free(record *r)
   strv_free(r->repo_digests);
   strv_free(r->layers);
   free(r->user);
+  free(r->platform);
   free(r);
 }
 
@@ -117,6 +123,7 @@ static record *record_copy(const record *r)
   c->layers = strv_copy(r->layers);
   c->size = r->size;
   c->user = xstrdup(r->user);
+  c->platform = r->platform ? xstrdup(r->platform) : NULL;
   c->created_ns = r->created_ns;
   return c;
 }
@@ -179,6 +186,7 @@ static store_image *record_to_image(const record *r)
   img->layers = strv_copy(r->layers);
   img->size = r->size;
   img->user = xstrdup(r->user);
+  img->platform = r->platform ? xstrdup(r->platform) : NULL;
   img->created_ns = r->created_ns;
   img->pinned = false;
   return img;
@@ -196,6 +204,7 @@ void store_image_free(store_image *img)
   strv_free(img->repo_digests);
   strv_free(img->layers);
   free(img->user);
+  free(img->platform);
   free(img);
 }
 
@@ -336,6 +345,7 @@ static int ingest_rehash(store_ingest *in, crimage_error **err)
     off += (uint64_t) n;
   }
   in->offset = off;
+  in->flushed = off;
   return 0;
 }
 
@@ -348,10 +358,37 @@ static int ingest_reset(store_ingest *in, crimage_error **err)
   char scratch[DIGEST_MAX_LEN + 1];
   digester_final(in->d, scratch); /* resets the digester */
   in->offset = 0;
+  in->flushed = 0;
   return 0;
 }
 
+/* Takes the ingest file's lock; with a cancel callback by polling (a blocked flock cannot be interrupted by a
+ * cancelled RPC), else by blocking. The wait has no time limit: the writer holding the lock makes its own progress
+ * checks. */
+static int ingest_lock(int fd, const char *path, store_cancelled_fn cancelled, void *userdata, crimage_error **err)
+{
+  for (;;) {
+    int r = flock(fd, cancelled ? LOCK_EX | LOCK_NB : LOCK_EX);
+    if (r == 0)
+      return 0;
+    if (errno == EINTR)
+      continue;
+    if (errno != EWOULDBLOCK || !cancelled)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "lock ingest file `%s`", path);
+    if (cancelled(userdata))
+      return crimage_error_set(err, CRIMAGE_CANCELLED, ECANCELED, "cancelled while waiting for `%s`", path);
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+}
+
 int store_ingest_begin(store *s, const char *digest, int64_t expected_size, store_ingest **ret, crimage_error **err)
+{
+  return store_ingest_begin_cancellable(s, digest, expected_size, NULL, NULL, ret, err);
+}
+
+int store_ingest_begin_cancellable(store *s, const char *digest, int64_t expected_size, store_cancelled_fn cancelled,
+                                   void *userdata, store_ingest **ret, crimage_error **err)
 {
   if (!digest_valid(digest))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid digest `%.80s`", digest ? digest : "");
@@ -375,12 +412,9 @@ int store_ingest_begin(store *s, const char *digest, int64_t expected_size, stor
     if (fd < 0)
       return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "open ingest file `%s`", in->path);
     in->fd = fd;
-    int r;
-    do
-      r = flock(fd, LOCK_EX);
-    while (r < 0 && errno == EINTR);
+    int r = ingest_lock(fd, in->path, cancelled, userdata, err);
     if (r < 0)
-      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "lock ingest file `%s`", in->path);
+      return r;
     struct stat a, b;
     if (fstat(fd, &a) < 0)
       return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "stat `%s`", in->path);
@@ -431,10 +465,40 @@ int store_ingest_write(store_ingest *in, const void *data, size_t len, crimage_e
   }
   digester_update(in->d, data, len);
   in->offset += len;
+  if (in->offset - in->flushed >= INGEST_WRITEBACK_STEP) {
+    /* Start writing back what has arrived, without waiting: the fsync at commit then finds little left to do,
+     * instead of stalling this transfer while a whole layer goes to disk. */
+    (void) sync_file_range(in->fd, (off_t) in->flushed, (off_t) (in->offset - in->flushed), SYNC_FILE_RANGE_WRITE);
+    in->flushed = in->offset;
+  }
   return 0;
 }
 
 int store_ingest_truncate(store_ingest *in, crimage_error **err) { return ingest_reset(in, err); }
+
+int store_ingest_replay(store_ingest *in, store_ingest_replay_fn fn, void *userdata, crimage_error **err)
+{
+  if (in->offset == 0)
+    return 0;
+  cleanup_free char *buf = xmalloc(1 << 17);
+  uint64_t off = 0;
+  while (off < in->offset) {
+    size_t want = in->offset - off < (1 << 17) ? (size_t) (in->offset - off) : (1 << 17);
+    ssize_t n = pread(in->fd, buf, want, (off_t) off);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "read `%s`", in->path);
+    if (n == 0)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, EIO, "`%s` is shorter than its %" PRIu64 " hashed bytes",
+                               in->path, in->offset);
+    int r = fn(userdata, buf, (size_t) n, err);
+    if (r < 0)
+      return r;
+    off += (uint64_t) n;
+  }
+  return 0;
+}
 
 int store_ingest_commit(store_ingest *in, crimage_error **err)
 {
@@ -460,10 +524,11 @@ int store_ingest_commit(store_ingest *in, crimage_error **err)
     return r;
   if (rename(in->path, in->blob_path) < 0)
     return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "move blob %s into place", in->digest);
+  /* One directory fsync: the rename is a single journal transaction, so making the new name durable makes the old
+   * one's removal durable too (and a stale partial after a crash would only be resumed or swept). */
   r = fsync_dir(dir);
   if (r < 0)
     return crimage_error_set(err, CRIMAGE_INTERNAL, -r, "fsync `%s`", dir);
-  (void) fsync_dir(in->s->ingest_dir);
   return 0;
 }
 
@@ -503,6 +568,8 @@ static json_object *descriptor_new(const record *r, const char *ref_name, const 
   snprintf(num, sizeof(num), "%" PRIu64, r->size);
   ann_add(ann, ANN_SIZE, num);
   ann_add(ann, ANN_USER, r->user);
+  if (r->platform)
+    ann_add(ann, ANN_PLATFORM, r->platform);
   snprintf(num, sizeof(num), "%" PRId64, r->created_ns);
   ann_add(ann, ANN_CREATED, num);
   size_t total = 1;
@@ -641,6 +708,7 @@ static bool load_descriptor(record_set *set, json_object *desc, const char **ret
   const char *name = json_get_string(ann, ANN_NAME);
   const char *repo_digest = json_get_string(ann, ANN_REPO_DIGEST);
   const char *user = json_get_string(ann, ANN_USER);
+  const char *plat = json_get_string(ann, ANN_PLATFORM);
   const char *layers_s = json_get_string(ann, ANN_LAYERS);
   uint64_t size, created;
   if (!string_ok(handler, HANDLER_MAX_LEN) || !digest_valid(id)) {
@@ -659,6 +727,10 @@ static bool load_descriptor(record_set *set, json_object *desc, const char **ret
   }
   if ((name && !string_ok(name, NAME_MAX_LEN)) || (repo_digest && !digest_valid(repo_digest))) {
     *ret_reason = "bad " ANN_NAME " or " ANN_REPO_DIGEST;
+    return false;
+  }
+  if (plat && !string_ok(plat, PLATFORM_MAX_LEN)) {
+    *ret_reason = "bad " ANN_PLATFORM;
     return false;
   }
   cleanup_strv char **layers = parse_layers(layers_s);
@@ -680,6 +752,7 @@ static bool load_descriptor(record_set *set, json_object *desc, const char **ret
     r->layers = TAKE_PTR(layers);
     r->size = size;
     r->user = xstrdup(user);
+    r->platform = plat ? xstrdup(plat) : NULL;
     r->created_ns = (int64_t) created;
     record_set_append(set, r);
   }
@@ -984,6 +1057,8 @@ static int validate_record(const store_record *rec, crimage_error **err)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid manifest media type");
   if (rec->user && !string_ok(rec->user, USER_MAX_LEN))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid image user");
+  if (rec->platform && !string_ok(rec->platform, PLATFORM_MAX_LEN))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid platform");
   if (rec->manifest_size > INT64_MAX || rec->size > INT64_MAX)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid size");
   size_t n = 0;
@@ -994,6 +1069,28 @@ static int validate_record(const store_record *rec, crimage_error **err)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, E2BIG, "too many layers (%zu, at most %d)", n,
                              RECORD_MAX_LAYERS);
   return 0;
+}
+
+/* True when recording rec would leave the records as they are: the image is there for handler with the same
+ * manifest, layers, size and user, and already carries both names. Names are unique per handler (recording takes a
+ * name away from any other image), so no other record needs a look. Called with write_lock held. */
+static bool record_unchanged(const record_set *set, const store_record *rec, const char *handler,
+                             const char *tag_name, const char *digest_name)
+{
+  const record *cur = record_set_find_id(set, handler, rec->config_digest);
+  if (!cur || !streq(cur->manifest_digest, rec->manifest_digest) ||
+      !streq(cur->manifest_media_type, rec->manifest_media_type) || cur->manifest_size != rec->manifest_size ||
+      cur->size != rec->size || !streq(cur->user, rec->user ? rec->user : "") ||
+      !streq_ptr(cur->platform, rec->platform))
+    return false;
+  if ((tag_name && !strv_contains(cur->repo_tags, tag_name)) ||
+      (digest_name && !strv_contains(cur->repo_digests, digest_name)))
+    return false;
+  size_t i = 0;
+  for (; rec->layers && rec->layers[i]; i++)
+    if (!cur->layers[i] || !streq(cur->layers[i], rec->layers[i]))
+      return false;
+  return cur->layers[i] == NULL;
 }
 
 int store_record_image(store *s, const store_record *rec, crimage_error **err)
@@ -1022,6 +1119,13 @@ int store_record_image(store *s, const store_record *rec, crimage_error **err)
     pthread_mutex_unlock(&s->write_lock);
     return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, ENOENT, "blob %s of image %s is not stored", missing,
                              rec->config_digest);
+  }
+
+  /* Pulling an image that is already recorded exactly so (the usual re-pull) changes nothing: no copy of the
+   * records, no index.json rewrite, no fsync. */
+  if (record_unchanged(&s->recs, rec, handler, tag_name, digest_name)) {
+    pthread_mutex_unlock(&s->write_lock);
+    return 0;
   }
 
   cleanup_record_set record_set next = {0};
@@ -1067,6 +1171,8 @@ int store_record_image(store *s, const store_record *rec, crimage_error **err)
   cur->size = rec->size;
   free(cur->user);
   cur->user = xstrdup(rec->user ? rec->user : "");
+  free(cur->platform);
+  cur->platform = rec->platform ? xstrdup(rec->platform) : NULL;
   if (tag_name)
     strv_add_unique(&cur->repo_tags, tag_name);
   if (digest_name)

@@ -23,6 +23,7 @@ typedef struct store_image {
   char **layers;       /* NULL-terminated layer digests, in order */
   uint64_t size;       /* manifest + config + layers, as stored */
   char *user;          /* Config.User of the image config, "" if none */
+  char *platform;      /* "os/arch[/variant]" an index was resolved for, "" for a lone manifest, NULL unknown */
   int64_t created_ns;  /* when recorded (ns since the epoch) */
   bool pinned;
 } store_image;
@@ -54,10 +55,19 @@ int store_blob_put(store *s, const char *digest, const void *data, size_t len, c
  * present, i.e. the other writer finished it). */
 typedef struct store_ingest store_ingest;
 int store_ingest_begin(store *s, const char *digest, int64_t expected_size, store_ingest **ret, crimage_error **err);
+/* The same, with the wait for another writer polled (every 20 ms) and abandoned with CANCELLED (-ECANCELED) when
+ * cancelled(userdata) turns true. */
+typedef bool (*store_cancelled_fn)(void *userdata);
+int store_ingest_begin_cancellable(store *s, const char *digest, int64_t expected_size, store_cancelled_fn cancelled,
+                                   void *userdata, store_ingest **ret, crimage_error **err);
 uint64_t store_ingest_offset(const store_ingest *in);
 int store_ingest_write(store_ingest *in, const void *data, size_t len, crimage_error **err);
 /* Throws away what was written so far (e.g. a server ignored a Range request and resent from 0). */
 int store_ingest_truncate(store_ingest *in, crimage_error **err);
+/* Passes the bytes already in the ingest (a resumed partial: [0, offset)) to fn in order, so a caller that derives
+ * something from the whole stream (the uncompressed digest of a layer) can catch up before writing resumes. */
+typedef int (*store_ingest_replay_fn)(void *userdata, const void *data, size_t len, crimage_error **err);
+int store_ingest_replay(store_ingest *in, store_ingest_replay_fn fn, void *userdata, crimage_error **err);
 /* Checks size and digest, fsyncs and renames into blobs/. On mismatch the partial file is deleted and the error is
  * DATA_LOSS. Frees the ingest either way. */
 int store_ingest_commit(store_ingest *in, crimage_error **err);
@@ -77,6 +87,10 @@ typedef struct store_record {
   const char *const *layers; /* NULL-terminated */
   uint64_t size;             /* total bytes of manifest + config + layers */
   const char *user;
+  /* The platform (platform_string of the normalized request) an index was resolved for; "" when the reference named
+   * a lone manifest (any platform gets the same image); NULL unknown. The `Always` fast path reuses a stored image
+   * only for the same platform. */
+  const char *platform;
 } store_record;
 
 /* Records that (name:tag | name@repo_digest, handler) is the image described. A tag that pointed to another image

@@ -1,7 +1,10 @@
 /* The pull engine end to end against a real registry (Debian's docker-registry) with images pushed by skopeo:
  * OCI and Docker media types, a multi-arch index, pulls by tag and by digest, the unchanged fast path, runtime
- * handlers, resumption of a partial ingest, a corrupt partial, cancellation and errors. */
+ * handlers, resumption of a partial ingest, a corrupt partial, cancellation and errors; the `Always` fast path (one
+ * HEAD, no GET), diff_id checks, and concurrent pulls sharing one download (counted in the registry's access log). */
 #include <errno.h>
+#include <pthread.h>
+#include <sys/stat.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -43,6 +46,10 @@ static int group_setup(void **state)
       test_push_image(&f->reg, "lib/corrupt", "v1", "--layers 1", "") < 0 ||
       test_push_image(&f->reg, "lib/cancel", "v1", "--layers 1", "") < 0 ||
       test_push_image(&f->reg, "lib/fault", "v1", "--layers 2", "") < 0 ||
+      test_push_image(&f->reg, "lib/always", "v1", "--layers 2", "") < 0 ||
+      test_push_image(&f->reg, "lib/baddiff", "v1", "--layers 2 --bad-diff-id 1", "") < 0 ||
+      test_push_image(&f->reg, "lib/members", "v1", "--layers 2 --layer-bytes 300000 --multi-member", "") < 0 ||
+      test_push_image(&f->reg, "lib/shared", "v1", "--layers 3 --layer-bytes 3000000", "") < 0 ||
       test_fault_proxy_start(&f->reg, "dave", "pw", &f->fault) < 0)
     return -1;
   snprintf(f->store_dir, sizeof(f->store_dir), "/tmp/crimage-test-pull-XXXXXX");
@@ -388,41 +395,87 @@ static void test_pull_resume(void **state)
   dynbuf_free(&data);
 }
 
+/* The config digest of name:v1. */
+static char *config_digest_of(fixture *f, const char *name)
+{
+  registry_client *c = NULL;
+  registry_repo *r = NULL;
+  crimage_error *err = NULL;
+  char ep[128];
+  snprintf(ep, sizeof(ep), "http://%s", f->reg.host);
+  assert_int_equal(registry_client_new(NULL, &c, &err), 0);
+  assert_int_equal(registry_repo_new(c, ep, false, f->reg.host, name, NULL, &r, &err), 0);
+  char *body = NULL, *ct = NULL;
+  size_t len = 0;
+  assert_int_equal(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err), 0);
+  manifest *m = NULL;
+  assert_int_equal(manifest_parse(body, len, ct, &m, &err), 0);
+  char *d = xstrdup(m->config.digest);
+  manifest_free(m);
+  free(body);
+  free(ct);
+  registry_repo_free(r);
+  registry_client_free(c);
+  return d;
+}
+
+static void write_junk_partial(fixture *f, const char *digest, size_t size)
+{
+  store_ingest *in = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(store_ingest_begin(f->store, digest, (int64_t) size, &in, &err), 0);
+  char *junk = xmalloc(size / 2);
+  memset(junk, 'x', size / 2);
+  assert_int_equal(store_ingest_write(in, junk, size / 2, &err), 0);
+  free(junk);
+  store_ingest_abort(in, true);
+}
+
 static void test_pull_corrupt_partial(void **state)
 {
   fixture *f = *state;
+  crimage_error *err = NULL;
+  pull_result res;
+  char key[256];
+  snprintf(key, sizeof(key), "%s/lib/corrupt:v1", f->reg.host);
+  store_image *img = NULL;
+
+  /* A partial config whose bytes are wrong: the resumed blob cannot match its digest. */
+  char *config = config_digest_of(f, "lib/corrupt");
+  dynbuf cdata;
+  dynbuf_init(&cdata, 1u << 20);
+  get_blob(f, "lib/corrupt", config, &cdata);
+  write_junk_partial(f, config, cdata.len);
+  assert_true(do_pull(f, "lib/corrupt:v1", "", &amd64, &res, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_DATA_LOSS);
+  crimage_error_clear(&err);
+  assert_false(store_blob_exists(f->store, config, NULL));
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 0);
+
+  /* A partial gzip layer with junk in it is caught before any byte is fetched (the inflater catching up on the
+   * partial fails) and downloaded again: the pull recovers at once. */
   char *digest = NULL;
   dynbuf data;
   fetch_layer(f, "lib/corrupt", 0, &digest, &data);
   get_blob(f, "lib/corrupt", digest, &data);
-
-  /* a partial whose bytes are wrong: the resumed blob cannot match its digest */
-  store_ingest *in = NULL;
-  crimage_error *err = NULL;
-  assert_int_equal(store_ingest_begin(f->store, digest, (int64_t) data.len, &in, &err), 0);
-  char *junk = xmalloc(data.len / 2);
-  memset(junk, 'x', data.len / 2);
-  assert_int_equal(store_ingest_write(in, junk, data.len / 2, &err), 0);
-  free(junk);
-  store_ingest_abort(in, true);
-
-  pull_result res;
-  assert_true(do_pull(f, "lib/corrupt:v1", "", &amd64, &res, NULL, &err) < 0);
-  assert_int_equal(err->status, CRIMAGE_DATA_LOSS);
-  crimage_error_clear(&err);
-  assert_false(store_blob_exists(f->store, digest, NULL));
-  char key[256];
-  snprintf(key, sizeof(key), "%s/lib/corrupt:v1", f->reg.host);
-  store_image *img = NULL;
-  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 0);
-
-  /* the bad partial is gone: the next pull starts over and succeeds */
+  write_junk_partial(f, digest, data.len);
   if (do_pull(f, "lib/corrupt:v1", "", &amd64, &res, NULL, &err) < 0)
     fail_msg("%s", err->message);
   assert_true(store_blob_exists(f->store, digest, NULL));
+  assert_true(store_blob_exists(f->store, config, NULL));
+  char *stored = NULL;
+  size_t len = 0;
+  assert_int_equal(store_blob_read(f->store, digest, 16u << 20, &stored, &len, &err), 0);
+  assert_int_equal(len, data.len);
+  assert_memory_equal(stored, data.data, len);
+  free(stored);
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 1);
+  store_image_free(img);
   pull_result_clear(&res);
   free(digest);
+  free(config);
   dynbuf_free(&data);
+  dynbuf_free(&cdata);
 }
 
 static void test_pull_cancel(void **state)
@@ -647,6 +700,232 @@ static void test_pull_faults(void **state)
   reference_free(ref);
 }
 
+static size_t count_lines(const char *path, const char *needle);
+
+/* Lines of the registry's access log holding needle, once at least `want` are there (the registry writes a line
+ * after it has answered, so it may trail the client by a moment; waits up to 10 s, then counts what there is). */
+static size_t log_count(fixture *f, const char *needle, size_t want)
+{
+  char path[300];
+  snprintf(path, sizeof(path), "%s/registry.log", f->reg.dir);
+  size_t n = 0;
+  for (int i = 0; i < 200; i++) {
+    n = count_lines(path, needle);
+    if (n >= want)
+      break;
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  return n;
+}
+
+static void settle(void)
+{
+  struct timespec ts = {0, 300 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+}
+
+static void index_stat(fixture *f, struct stat *st)
+{
+  char path[300];
+  snprintf(path, sizeof(path), "%s/index.json", f->store_dir);
+  assert_int_equal(stat(path, st), 0);
+}
+
+/* `Always` on a stored tag: one manifest HEAD, no GET, no blob request, no store write. When the tag moves, the
+ * HEAD sees another digest and the pull fetches the manifest and the new blobs only. */
+static void test_pull_always_fast_path(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  crimage_error *err = NULL;
+  const char *head = "\"HEAD /v2/lib/always/manifests/v1 ";
+  const char *get_manifest = "\"GET /v2/lib/always/manifests/";
+  const char *get_blob = "\"GET /v2/lib/always/blobs/";
+  if (do_pull(f, "lib/always:v1", "", &amd64, &res, NULL, &err) < 0)
+    fail_msg("%s", err->message);
+  assert_false(res.unchanged);
+  char *first_id = xstrdup(res.image_id);
+  char *first_rd = xstrdup(res.repo_digest);
+  pull_result_clear(&res);
+  assert_int_equal(log_count(f, get_blob, 3), 3); /* config + 2 layers */
+  assert_int_equal(log_count(f, get_manifest, 1), 1);
+  assert_int_equal(log_count(f, head, 0), 0); /* nothing stored yet: no HEAD first */
+
+  struct stat st0, st1;
+  index_stat(f, &st0);
+  for (int i = 1; i <= 3; i++) {
+    events ev = {0};
+    if (do_pull(f, "lib/always:v1", "", &amd64, &res, &ev, &err) < 0)
+      fail_msg("%s", err->message);
+    assert_true(res.unchanged);
+    assert_string_equal(res.image_id, first_id);
+    assert_string_equal(res.repo_digest, first_rd);
+    assert_int_equal(ev.started, 0);
+    pull_result_clear(&res);
+    assert_int_equal(log_count(f, head, (size_t) i), (size_t) i);
+  }
+  settle();
+  assert_int_equal(log_count(f, get_manifest, 1), 1);
+  assert_int_equal(log_count(f, get_blob, 3), 3);
+  index_stat(f, &st1);
+  assert_true(st0.st_ino == st1.st_ino && st0.st_mtim.tv_sec == st1.st_mtim.tv_sec &&
+              st0.st_mtim.tv_nsec == st1.st_mtim.tv_nsec);
+
+  /* Another handler has no record yet: a full resolution (GET), no blob download (all present). */
+  assert_int_equal(do_pull(f, "lib/always:v1", "gvisor", &amd64, &res, NULL, &err), 0);
+  assert_false(res.unchanged);
+  pull_result_clear(&res);
+  assert_int_equal(log_count(f, get_manifest, 2), 2);
+
+  /* The tag moves to another image (same layers, another config). */
+  assert_int_equal(test_push_image(&f->reg, "lib/always", "v1", "--layers 2 --user moved", ""), 0);
+  if (do_pull(f, "lib/always:v1", "", &amd64, &res, NULL, &err) < 0)
+    fail_msg("%s", err->message);
+  assert_false(res.unchanged);
+  assert_string_not_equal(res.image_id, first_id);
+  assert_string_not_equal(res.repo_digest, first_rd);
+  pull_result_clear(&res);
+  assert_int_equal(log_count(f, head, 4), 4);
+  assert_int_equal(log_count(f, get_manifest, 3), 3);
+  assert_int_equal(log_count(f, get_blob, 4), 4); /* only the new config */
+  char key[256];
+  snprintf(key, sizeof(key), "%s/lib/always:v1", f->reg.host);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 1);
+  assert_string_equal(img->user, "moved");
+  store_image_free(img);
+  free(first_id);
+  free(first_rd);
+}
+
+/* A registry that does not answer HEAD (the fault proxy answers 501): the pull falls back to GET and still finds
+ * the image unchanged. */
+static void test_pull_always_head_unsupported(void **state)
+{
+  fixture *f = *state;
+  char full[256];
+  snprintf(full, sizeof(full), "%s/lib/fault:v1", f->fault.host);
+  image_ref *ref = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  credential *c = credential_new();
+  c->username = xstrdup("dave");
+  c->password = xstrdup("pw");
+  pull_request req = {.ref = ref, .handler = "", .platform = &amd64, .cred = c};
+  pull_result res = {0};
+  /* stored by test_pull_faults */
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", full, &img, &err), 1);
+  store_image_free(img);
+  size_t proxied = count_lines(f->fault.log, "\"kind\": \"proxy\"");
+  if (puller_pull(f->puller, &req, &res, &err) < 0)
+    fail_msg("%s", err->message);
+  assert_true(res.unchanged);
+  assert_true(count_lines(f->fault.log, "\"kind\": \"proxy\"") > proxied); /* the manifest GET */
+  pull_result_clear(&res);
+  credential_free(c);
+  reference_free(ref);
+}
+
+/* A layer whose uncompressed content is not the config's diff_id: DATA_LOSS, the layer is not stored, no partial
+ * is kept and no image is recorded. */
+static void test_pull_diff_id_mismatch(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  crimage_error *err = NULL;
+  assert_true(do_pull(f, "lib/baddiff:v1", "", &amd64, &res, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_DATA_LOSS);
+  assert_non_null(strstr(err->message, "diff_id"));
+  crimage_error_clear(&err);
+  char key[256];
+  snprintf(key, sizeof(key), "%s/lib/baddiff:v1", f->reg.host);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", key, &img, &err), 0);
+  char *digest = NULL;
+  dynbuf data;
+  fetch_layer(f, "lib/baddiff", 1, &digest, &data);
+  assert_false(store_blob_exists(f->store, digest, NULL));
+  char partial[512];
+  snprintf(partial, sizeof(partial), "%s/ingest/sha256-%s", f->store_dir, digest_hex(digest));
+  struct stat st;
+  assert_true(stat(partial, &st) < 0);
+  free(digest);
+  dynbuf_free(&data);
+}
+
+/* Layers of two concatenated gzip members inflate as one stream: the diff_id covers both. */
+static void test_pull_multi_member_gzip(void **state)
+{
+  fixture *f = *state;
+  pull_result res;
+  crimage_error *err = NULL;
+  if (do_pull(f, "lib/members:v1", "", &amd64, &res, NULL, &err) < 0)
+    fail_msg("%s", err->message);
+  store_image *img = NULL;
+  assert_int_equal(store_find_image(f->store, "", res.image_id, &img, &err), 1);
+  assert_int_equal(strv_length(img->layers), 2);
+  assert_blobs_present(f, img);
+  store_image_free(img);
+  pull_result_clear(&res);
+}
+
+typedef struct concurrent_pull {
+  fixture *f;
+  pthread_barrier_t *start;
+  int r;
+  pull_result res;
+  crimage_error *err;
+} concurrent_pull;
+
+static void *concurrent_pull_thread(void *arg)
+{
+  concurrent_pull *c = arg;
+  pthread_barrier_wait(c->start);
+  c->r = do_pull(c->f, "lib/shared:v1", "", &amd64, &c->res, NULL, &c->err);
+  return NULL;
+}
+
+/* Two pulls of the same image at once: every blob is requested from the registry once; the other pull waits for
+ * the download in progress and uses its result. */
+static void test_pull_concurrent_shared(void **state)
+{
+  fixture *f = *state;
+  pthread_barrier_t start;
+  pthread_barrier_init(&start, NULL, 2);
+  concurrent_pull a = {.f = f, .start = &start}, b = {.f = f, .start = &start};
+  pthread_t ta, tb;
+  assert_int_equal(pthread_create(&ta, NULL, concurrent_pull_thread, &a), 0);
+  assert_int_equal(pthread_create(&tb, NULL, concurrent_pull_thread, &b), 0);
+  pthread_join(ta, NULL);
+  pthread_join(tb, NULL);
+  pthread_barrier_destroy(&start);
+  if (a.r < 0 || b.r < 0)
+    fail_msg("%s", a.err ? a.err->message : b.err->message);
+  assert_string_equal(a.res.image_id, b.res.image_id);
+
+  char *config = config_digest_of(f, "lib/shared");
+  char needle[256];
+  snprintf(needle, sizeof(needle), "\"GET /v2/lib/shared/blobs/%s ", config);
+  assert_int_equal(log_count(f, needle, 1), 1);
+  for (size_t i = 0; i < 3; i++) {
+    char *digest = NULL;
+    dynbuf data;
+    fetch_layer(f, "lib/shared", i, &digest, &data);
+    snprintf(needle, sizeof(needle), "\"GET /v2/lib/shared/blobs/%s ", digest);
+    assert_int_equal(log_count(f, needle, 1), 1);
+    assert_true(store_blob_exists(f->store, digest, NULL));
+    free(digest);
+    dynbuf_free(&data);
+  }
+  settle();
+  assert_int_equal(log_count(f, "\"GET /v2/lib/shared/blobs/", 4), 4);
+  free(config);
+  pull_result_clear(&a.res);
+  pull_result_clear(&b.res);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -657,6 +936,11 @@ int main(void)
       cmocka_unit_test(test_pull_bearer),
       cmocka_unit_test(test_pull_mirrors),
       cmocka_unit_test(test_pull_faults),
+      cmocka_unit_test(test_pull_always_fast_path),
+      cmocka_unit_test(test_pull_always_head_unsupported),
+      cmocka_unit_test(test_pull_diff_id_mismatch),
+      cmocka_unit_test(test_pull_multi_member_gzip),
+      cmocka_unit_test(test_pull_concurrent_shared),
   };
   return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

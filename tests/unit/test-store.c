@@ -18,6 +18,7 @@
 #include <cmocka.h>
 
 #include "common/digest.h"
+#include "common/dynbuf.h"
 #include "common/fsutil.h"
 #include "common/json.h"
 #include "common/util.h"
@@ -806,6 +807,208 @@ static void test_reload(void **state)
   test_image_clear(&b);
 }
 
+static void index_stat(const char *root, struct stat *st)
+{
+  cleanup_free char *path = xasprintf("%s/index.json", root);
+  assert_int_equal(stat(path, st), 0);
+}
+
+/* index.json is replaced by rename, so a rewrite shows as a new inode (a change of mtime alone could hide in the
+ * timestamp granularity). */
+static bool index_rewritten(const struct stat *a, const struct stat *b)
+{
+  return a->st_ino != b->st_ino || a->st_mtim.tv_sec != b->st_mtim.tv_sec ||
+         a->st_mtim.tv_nsec != b->st_mtim.tv_nsec;
+}
+
+/* Recording what is already recorded writes nothing; any real change still does, and the platform is kept. */
+static void test_record_unchanged_no_write(void **state)
+{
+  fixture *f = *state;
+  cleanup_error crimage_error *err = NULL;
+  store *s = open_store(f->root);
+  const char *l1[] = {"one", "two", NULL};
+  test_image a = make_image(s, "a", l1);
+  cleanup_free char *rd = sha256_of("index-a", 7);
+  store_record rec = {
+      .handler = "",
+      .name = BUSYBOX,
+      .tag = "latest",
+      .repo_digest = rd,
+      .manifest_digest = a.manifest,
+      .manifest_media_type = MANIFEST_MT,
+      .manifest_size = a.manifest_size,
+      .config_digest = a.config,
+      .layers = (const char *const *) a.layers,
+      .size = 1234,
+      .user = "1002",
+      .platform = "linux/arm64/v8",
+  };
+  assert_int_equal(store_record_image(s, &rec, &err), 0);
+  struct stat st0, st1;
+  index_stat(f->root, &st0);
+
+  for (int i = 0; i < 3; i++)
+    assert_int_equal(store_record_image(s, &rec, &err), 0);
+  index_stat(f->root, &st1);
+  assert_false(index_rewritten(&st0, &st1));
+
+  /* the same image pulled for another platform is a change (the fast path must not reuse it) */
+  rec.platform = "linux/amd64";
+  assert_int_equal(store_record_image(s, &rec, &err), 0);
+  index_stat(f->root, &st1);
+  assert_true(index_rewritten(&st0, &st1));
+  st0 = st1;
+
+  /* a new name is a change */
+  rec.tag = "stable";
+  assert_int_equal(store_record_image(s, &rec, &err), 0);
+  index_stat(f->root, &st1);
+  assert_true(index_rewritten(&st0, &st1));
+  st0 = st1;
+  rec.tag = "latest";
+  assert_int_equal(store_record_image(s, &rec, &err), 0); /* both names already there */
+  index_stat(f->root, &st1);
+  assert_false(index_rewritten(&st0, &st1));
+
+  /* another handler is a change */
+  rec.handler = "kata";
+  assert_int_equal(store_record_image(s, &rec, &err), 0);
+  index_stat(f->root, &st1);
+  assert_true(index_rewritten(&st0, &st1));
+
+  cleanup_store_image store_image *img = NULL;
+  assert_int_equal(store_find_image(s, "", BUSYBOX ":latest", &img, &err), 1);
+  assert_string_equal(img->platform, "linux/amd64");
+  store_close(s);
+
+  /* the platform survives a reload; a record without one reads back as unknown (NULL) */
+  s = open_store(f->root);
+  store_image_free(img);
+  img = NULL;
+  assert_int_equal(store_find_image(s, "", BUSYBOX ":stable", &img, &err), 1);
+  assert_string_equal(img->platform, "linux/amd64");
+  test_image b = make_image(s, "b", l1);
+  rec.handler = "";
+  rec.tag = "old";
+  rec.repo_digest = NULL;
+  rec.manifest_digest = b.manifest;
+  rec.manifest_size = b.manifest_size;
+  rec.config_digest = b.config;
+  rec.platform = NULL;
+  assert_int_equal(store_record_image(s, &rec, &err), 0);
+  store_close(s);
+  s = open_store(f->root);
+  store_image_free(img);
+  img = NULL;
+  assert_int_equal(store_find_image(s, "", BUSYBOX ":old", &img, &err), 1);
+  assert_null(img->platform);
+  store_close(s);
+  test_image_clear(&a);
+  test_image_clear(&b);
+}
+
+static int replay_collect(void *userdata, const void *data, size_t len, crimage_error **err)
+{
+  return dynbuf_append(userdata, data, len) < 0 ? crimage_error_set(err, CRIMAGE_INTERNAL, ENOBUFS, "full") : 0;
+}
+
+static int replay_fail(void *userdata, const void *data, size_t len, crimage_error **err)
+{
+  return crimage_error_set(err, CRIMAGE_DATA_LOSS, EBADMSG, "refused");
+}
+
+/* A resumed ingest hands its partial bytes back in order, exactly once. */
+static void test_ingest_replay(void **state)
+{
+  fixture *f = *state;
+  cleanup_error crimage_error *err = NULL;
+  size_t len = 400000;
+  cleanup_free char *data = xmalloc(len);
+  for (size_t i = 0; i < len; i++)
+    data[i] = (char) (i * 13 + i / 509);
+  cleanup_free char *d = sha256_of(data, len);
+  store *s = open_store(f->root);
+  store_ingest *in = NULL;
+  assert_int_equal(store_ingest_begin(s, d, (int64_t) len, &in, &err), 0);
+  cleanup_dynbuf dynbuf got;
+  dynbuf_init(&got, len);
+  assert_int_equal(store_ingest_replay(in, replay_collect, &got, &err), 0); /* nothing yet */
+  assert_int_equal(got.len, 0);
+  assert_int_equal(store_ingest_write(in, data, 300001, &err), 0);
+  store_ingest_abort(in, true);
+
+  assert_int_equal(store_ingest_begin(s, d, (int64_t) len, &in, &err), 0);
+  assert_int_equal(store_ingest_offset(in), 300001);
+  assert_int_equal(store_ingest_replay(in, replay_collect, &got, &err), 0);
+  assert_int_equal(got.len, 300001);
+  assert_memory_equal(got.data, data, 300001);
+  assert_true(store_ingest_replay(in, replay_fail, NULL, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_DATA_LOSS);
+  crimage_error_clear(&err);
+  /* replay does not move the write position */
+  assert_int_equal(store_ingest_write(in, data + 300001, len - 300001, &err), 0);
+  assert_int_equal(store_ingest_commit(in, &err), 0);
+  assert_true(store_blob_exists(s, d, NULL));
+  store_close(s);
+}
+
+static bool cancel_on_third_poll(void *userdata)
+{
+  int *polls = userdata;
+  return ++*polls >= 3;
+}
+
+static bool never_cancelled(void *userdata) { return false; }
+
+typedef struct late_writer {
+  store *s;
+  store_ingest *in;
+  const char *data;
+  size_t len;
+} late_writer;
+
+static void *commit_later(void *arg)
+{
+  late_writer *w = arg;
+  struct timespec ts = {0, 100 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+  cleanup_error crimage_error *err = NULL;
+  assert_int_equal(store_ingest_write(w->in, w->data, w->len, &err), 0);
+  assert_int_equal(store_ingest_commit(w->in, &err), 0);
+  return NULL;
+}
+
+/* Waiting for another writer of the same blob: a cancelled waiter gives up with CANCELLED; a patient one finds the
+ * blob committed (-EEXIST) and writes nothing itself. */
+static void test_ingest_wait_cancellable(void **state)
+{
+  fixture *f = *state;
+  cleanup_error crimage_error *err = NULL;
+  const char *data = "shared layer bytes";
+  cleanup_free char *d = sha256_of(data, strlen(data));
+  store *s = open_store(f->root);
+  store_ingest *first = NULL, *second = NULL;
+  assert_int_equal(store_ingest_begin(s, d, (int64_t) strlen(data), &first, &err), 0);
+
+  int polls = 0;
+  assert_true(store_ingest_begin_cancellable(s, d, (int64_t) strlen(data), cancel_on_third_poll, &polls, &second,
+                                             &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_CANCELLED);
+  assert_int_equal(polls, 3);
+  crimage_error_clear(&err);
+
+  late_writer w = {.s = s, .in = first, .data = data, .len = strlen(data)};
+  pthread_t t;
+  assert_int_equal(pthread_create(&t, NULL, commit_later, &w), 0);
+  assert_int_equal(store_ingest_begin_cancellable(s, d, (int64_t) strlen(data), never_cancelled, NULL, &second,
+                                                  &err), -EEXIST);
+  assert_null(err);
+  pthread_join(t, NULL);
+  assert_true(store_blob_exists(s, d, NULL));
+  store_close(s);
+}
+
 static void write_text(const char *path, const char *text)
 {
   cleanup_error crimage_error *err = NULL;
@@ -1281,6 +1484,9 @@ int main(void)
       cmocka_unit_test_setup_teardown(test_usage, setup, teardown),
       cmocka_unit_test_setup_teardown(test_concurrent_readers, setup, teardown),
       cmocka_unit_test_setup_teardown(test_crash_safety, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_record_unchanged_no_write, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_ingest_replay, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_ingest_wait_cancellable, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
