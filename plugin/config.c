@@ -18,6 +18,9 @@ void config_init(crimaged_config *cfg)
       .certs_dir = xstrdup("/etc/crimage/certs.d"),
       .max_concurrent_downloads = 3,
       .pull_progress_timeout_ms = 5 * 60 * 1000,
+      .pull_min_throughput = 1024,
+      .pull_min_throughput_window_ms = 30 * 1000,
+      .verify_diff_ids = true,
       .serialize_image_pulls = true,
       .max_parallel_image_pulls = 0,
       .pull_backoff_enabled = true,
@@ -297,6 +300,16 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = get_int(v, key, &cfg->max_concurrent_downloads, err);
     else if (streq(key, "pullProgressTimeout"))
       r = get_duration(v, key, &cfg->pull_progress_timeout_ms, err);
+    else if (streq(key, "pullMinThroughput")) {
+      int n = 0;
+      r = get_int(v, key, &n, err);
+      cfg->pull_min_throughput = n;
+      if (r == 0 && n < 0)
+        r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key pullMinThroughput: must not be negative");
+    } else if (streq(key, "pullMinThroughputWindow"))
+      r = get_duration(v, key, &cfg->pull_min_throughput_window_ms, err);
+    else if (streq(key, "verifyDiffIDs"))
+      r = get_bool(v, key, &cfg->verify_diff_ids, err);
     else if (streq(key, "serializeImagePulls"))
       r = get_bool(v, key, &cfg->serialize_image_pulls, err);
     else if (streq(key, "maxParallelImagePulls"))
@@ -347,6 +360,8 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
   if (cfg->pull_backoff_initial_ms <= 0 || cfg->pull_backoff_max_ms < cfg->pull_backoff_initial_ms)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                              "pullBackoff: initial must be positive and not larger than max");
+  if (cfg->pull_min_throughput_window_ms < 1000)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "pullMinThroughputWindow must be at least 1s");
   if (cfg->pull_progress_timeout_ms < 1000)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "pullProgressTimeout must be at least 1s");
   for (size_t i = 0; i < cfg->n_registries; i++)

@@ -22,6 +22,9 @@ typedef struct crimaged_config {
   size_t n_registries;
   int max_concurrent_downloads;
   int64_t pull_progress_timeout_ms;
+  int64_t pull_min_throughput;           /* bytes/s; 0 = no floor */
+  int64_t pull_min_throughput_window_ms;
+  bool verify_diff_ids;
   bool serialize_image_pulls;
   int max_parallel_image_pulls; /* 0 = no limit; only with serialize_image_pulls false */
   bool pull_backoff_enabled;

@@ -260,6 +260,10 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       .n_hosts = d->cfg.n_registries,
       .max_concurrent_downloads = d->cfg.max_concurrent_downloads,
       .progress_timeout_ms = d->cfg.pull_progress_timeout_ms,
+      /* 0 in the config means no floor; the puller reads a negative value that way. */
+      .min_speed_bytes_per_s = d->cfg.pull_min_throughput > 0 ? d->cfg.pull_min_throughput : -1,
+      .min_speed_window_ms = d->cfg.pull_min_throughput_window_ms,
+      .skip_diff_id_check = !d->cfg.verify_diff_ids,
       .user_agent = "crimage/" CRIMAGE_VERSION,
   };
   r = puller_new(d->store, &po, &d->puller, err);

@@ -28,6 +28,7 @@ struct puller {
   registry_host *hosts; /* deep copy */
   size_t n_hosts;
   int max_concurrent;
+  bool check_diff_ids;
 };
 
 static void hosts_free(registry_host *h, size_t n)
@@ -50,6 +51,8 @@ int puller_new(store *s, const puller_options *opts, puller **ret, crimage_error
       .certs_dir = opts->certs_dir,
       .user_agent = opts->user_agent,
       .progress_timeout_ms = opts->progress_timeout_ms,
+      .min_speed_bytes_per_s = opts->min_speed_bytes_per_s,
+      .min_speed_window_ms = opts->min_speed_window_ms,
   };
   registry_client *client = NULL;
   int r = registry_client_new(&ro, &client, err);
@@ -59,6 +62,7 @@ int puller_new(store *s, const puller_options *opts, puller **ret, crimage_error
   p->store = s;
   p->client = client;
   p->max_concurrent = opts->max_concurrent_downloads > 0 ? opts->max_concurrent_downloads : 3;
+  p->check_diff_ids = !opts->skip_diff_id_check;
   if (p->max_concurrent > PULL_MAX_CONCURRENT)
     p->max_concurrent = PULL_MAX_CONCURRENT;
   if (opts->n_hosts > 0 && opts->hosts) {
@@ -781,7 +785,7 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
       j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));
       for (size_t i = 0; i < m->n_layers; i++)
         j.blobs[i] = &m->layers[i];
-      j.diff_ids = (const char **) diff_ids;
+      j.diff_ids = p->check_diff_ids ? (const char **) diff_ids : NULL;
       r = download_all(&j, err);
       free(j.blobs);
     }

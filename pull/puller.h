@@ -31,6 +31,9 @@ typedef struct puller_options {
   size_t n_hosts;
   int max_concurrent_downloads;   /* layers in parallel per pull; default 3 */
   int64_t progress_timeout_ms;    /* no bytes for this long fails a request; default 5 min */
+  int64_t min_speed_bytes_per_s;  /* throughput floor per request; 0 = default 1024 B/s, < 0 = none */
+  int64_t min_speed_window_ms;    /* averaged over this window; <= 0 = 30 s */
+  bool skip_diff_id_check;        /* do not inflate layers to check them against the config's diff_ids */
   const char *user_agent;
 } puller_options;
 
