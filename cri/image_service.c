@@ -322,6 +322,19 @@ static int require_image(const Runtime__V1__ImageSpec *spec, crimage_error **err
   return 0;
 }
 
+/* The image an ImageStatus or RemoveImage request names, for its handler; *ret_img stays NULL when absent. */
+static int find_requested_image(image_service *svc, const Runtime__V1__ImageSpec *spec, const char **ret_handler,
+                                store_image **ret_img, crimage_error **err)
+{
+  int r = require_image(spec, err);
+  if (r < 0)
+    return r;
+  r = resolve_handler(svc, spec, NULL, ret_handler, err);
+  if (r < 0)
+    return r;
+  return lookup_image(svc, *ret_handler, spec->image, ret_img, err);
+}
+
 /* ---- ImageStatus ---- */
 
 static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMessage *request,
@@ -330,14 +343,8 @@ static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMe
   image_service *svc = userdata;
   const Runtime__V1__ImageStatusRequest *req = (const Runtime__V1__ImageStatusRequest *) request;
   const char *handler = NULL;
-  int r = require_image(req->image, err);
-  if (r < 0)
-    return r;
-  r = resolve_handler(svc, req->image, NULL, &handler, err);
-  if (r < 0)
-    return r;
   cleanup_store_image store_image *img = NULL;
-  r = lookup_image(svc, handler, req->image->image, &img, err);
+  int r = find_requested_image(svc, req->image, &handler, &img, err);
   if (r < 0)
     return r;
 
@@ -489,14 +496,8 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
   image_service *svc = userdata;
   const Runtime__V1__RemoveImageRequest *req = (const Runtime__V1__RemoveImageRequest *) request;
   const char *handler = NULL;
-  int r = require_image(req->image, err);
-  if (r < 0)
-    return r;
-  r = resolve_handler(svc, req->image, NULL, &handler, err);
-  if (r < 0)
-    return r;
   cleanup_store_image store_image *img = NULL;
-  r = lookup_image(svc, handler, req->image->image, &img, err);
+  int r = find_requested_image(svc, req->image, &handler, &img, err);
   if (r < 0)
     return r;
   if (img) {
