@@ -31,6 +31,13 @@ struct registry_client {
   int64_t min_speed;      /* bytes/s, 0 = no floor */
   int64_t min_speed_window_ms;
 
+  /* Idle easy handles. A handle keeps its receive buffer and the internal multi handle curl_easy_perform makes for
+   * it (with its wakeup socketpair), so reusing one spares every request that setup; curl_easy_reset clears the
+   * options of the previous request (credentials included) but keeps the handle attached to the share. */
+  pthread_mutex_t pool_lock;
+  CURL *pool[REGISTRY_HANDLE_POOL];
+  size_t n_pool;
+
   /* Bearer tokens shared by every repo of the client. The key is a sha256 over realm, service, scope and the
    * credential's secrets, so no secret is kept in clear beside the token itself. */
   pthread_mutex_t token_lock;
@@ -53,6 +60,10 @@ struct registry_repo {
   char *host;  /* for messages and certs.d */
   char *name;  /* repository path */
   credential *cred; /* NULL = anonymous */
+  /* <certs dir>/<host>/ files that exist, looked up once per repo rather than stat()ed on every request */
+  char *ca_file;
+  char *cert_file;
+  char *key_file;
 
   pthread_mutex_t lock; /* guards the auth state below */
   auth_kind auth;
@@ -92,6 +103,7 @@ int registry_client_new(const registry_client_options *opts, registry_client **r
   for (size_t i = 0; i < ARRAY_SIZE(c->locks); i++)
     pthread_mutex_init(&c->locks[i], NULL);
   pthread_mutex_init(&c->token_lock, NULL);
+  pthread_mutex_init(&c->pool_lock, NULL);
   c->share = curl_share_init();
   if (!c->share) {
     registry_client_free(c);
@@ -122,6 +134,10 @@ void registry_client_free(registry_client *c)
 {
   if (!c)
     return;
+  /* The handles first: a share still in use by a handle cannot be cleaned up. */
+  for (size_t i = 0; i < c->n_pool; i++)
+    curl_easy_cleanup(c->pool[i]);
+  pthread_mutex_destroy(&c->pool_lock);
   if (c->share)
     curl_share_cleanup(c->share);
   for (size_t i = 0; i < ARRAY_SIZE(c->locks); i++)
@@ -135,6 +151,32 @@ void registry_client_free(registry_client *c)
 }
 
 /* ---- repo ---- */
+
+static bool file_exists(const char *path)
+{
+  struct stat st;
+  return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* The per-registry CA and client certificate (the docker/containerd certs.d layout). */
+static void find_tls_files(const registry_client *c, registry_repo *r)
+{
+  const char *host = r->host;
+  if (!c->certs_dir || str_empty(host) || strchr(host, '/') || streq(host, "..") || streq(host, "."))
+    return;
+  char *ca = xasprintf("%s/%s/ca.crt", c->certs_dir, host);
+  char *cert = xasprintf("%s/%s/client.cert", c->certs_dir, host);
+  char *key = xasprintf("%s/%s/client.key", c->certs_dir, host);
+  if (file_exists(ca))
+    r->ca_file = TAKE_PTR(ca);
+  if (file_exists(cert) && file_exists(key)) {
+    r->cert_file = TAKE_PTR(cert);
+    r->key_file = TAKE_PTR(key);
+  }
+  free(ca);
+  free(cert);
+  free(key);
+}
 
 int registry_repo_new(registry_client *c, const char *endpoint, bool override_path, const char *host,
                       const char *name, const credential *cred, registry_repo **ret, crimage_error **err)
@@ -151,6 +193,7 @@ int registry_repo_new(registry_client *c, const char *endpoint, bool override_pa
   r->base = xasprintf("%.*s%s", (int) n, endpoint, override_path ? "" : "/v2");
   r->host = xstrdup(host);
   r->name = xstrdup(name);
+  find_tls_files(c, r);
   pthread_mutex_init(&r->lock, NULL);
   if (cred && !credential_is_empty(cred)) {
     r->cred = credential_dup(cred);
@@ -173,6 +216,9 @@ void registry_repo_free(registry_repo *r)
   free(r->name);
   credential_free(r->cred);
   secret_free(r->token);
+  free(r->ca_file);
+  free(r->cert_file);
+  free(r->key_file);
   pthread_mutex_destroy(&r->lock);
   free(r);
 }
@@ -410,6 +456,7 @@ typedef struct xfer_ctx {
   bool bad_range; /* a 206 that does not start at the offset asked for */
   bool cancelled;
   bool too_slow;  /* below the throughput floor */
+  int64_t cancel_polled_ms; /* when x->cancelled was last asked (0 = not yet) */
   int64_t window_start_ms; /* throughput window: when it started (0 = no body yet) and the bytes by then */
   uint64_t window_start_bytes;
   const char *post; /* a form body to POST (the OAuth2 token request); NULL = GET */
@@ -504,9 +551,18 @@ static size_t write_cb(char *data, size_t size, size_t n, void *userdata)
 static int xferinfo_cb(void *userdata, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
 {
   xfer_ctx *ctx = userdata;
-  if (ctx->x && ctx->x->cancelled && ctx->x->cancelled(ctx->x->userdata)) {
-    ctx->cancelled = true;
-    return 1;
+  /* curl calls this on every pass of its transfer loop (several times for one small request, once per chunk of a
+   * blob); the cancellation check can be costly (over CRI it polls the call's completion queue), so it runs at most
+   * every REGISTRY_CANCEL_POLL_MS, and always on the first call. */
+  if (ctx->x && ctx->x->cancelled) {
+    int64_t now = now_monotonic_ms();
+    if (ctx->cancel_polled_ms == 0 || now - ctx->cancel_polled_ms >= REGISTRY_CANCEL_POLL_MS) {
+      ctx->cancel_polled_ms = now > 0 ? now : 1;
+      if (ctx->x->cancelled(ctx->x->userdata)) {
+        ctx->cancelled = true;
+        return 1;
+      }
+    }
   }
   /* The throughput floor, measured on the body only: a registry that takes long to start answering is the
    * no-progress timeout's business, one that trickles is this one's. */
@@ -559,24 +615,13 @@ static char *header_get(const xfer_ctx *ctx, const char *name)
   return out.data ? dynbuf_take(&out, NULL) : xstrdup("");
 }
 
-static bool file_exists(const char *path)
+static void setup_tls(const registry_repo *r, CURL *h)
 {
-  struct stat st;
-  return stat(path, &st) == 0 && S_ISREG(st.st_mode);
-}
-
-static void setup_tls(registry_client *c, CURL *h, const char *host)
-{
-  if (!c->certs_dir || str_empty(host) || strchr(host, '/') || streq(host, "..") || streq(host, "."))
-    return;
-  cleanup_free char *ca = xasprintf("%s/%s/ca.crt", c->certs_dir, host);
-  cleanup_free char *cert = xasprintf("%s/%s/client.cert", c->certs_dir, host);
-  cleanup_free char *key = xasprintf("%s/%s/client.key", c->certs_dir, host);
-  if (file_exists(ca))
-    curl_easy_setopt(h, CURLOPT_CAINFO, ca); /* curl copies string options */
-  if (file_exists(cert) && file_exists(key)) {
-    curl_easy_setopt(h, CURLOPT_SSLCERT, cert);
-    curl_easy_setopt(h, CURLOPT_SSLKEY, key);
+  if (r->ca_file)
+    curl_easy_setopt(h, CURLOPT_CAINFO, r->ca_file); /* curl copies string options */
+  if (r->cert_file && r->key_file) {
+    curl_easy_setopt(h, CURLOPT_SSLCERT, r->cert_file);
+    curl_easy_setopt(h, CURLOPT_SSLKEY, r->key_file);
   }
 }
 
@@ -605,13 +650,54 @@ static void auth_take_snapshot(registry_repo *r, auth_snapshot *s)
   pthread_mutex_unlock(&r->lock);
 }
 
+/* An easy handle for one request: an idle one of the client (attached to its share already) or a new one. */
+static CURL *handle_acquire(registry_client *c)
+{
+  CURL *h = NULL;
+  pthread_mutex_lock(&c->pool_lock);
+  if (c->n_pool > 0)
+    h = c->pool[--c->n_pool];
+  pthread_mutex_unlock(&c->pool_lock);
+  if (h)
+    return h;
+  h = curl_easy_init();
+  if (h && curl_easy_setopt(h, CURLOPT_SHARE, c->share) != CURLE_OK) {
+    curl_easy_cleanup(h);
+    return NULL;
+  }
+  return h;
+}
+
+/* Back to the pool, every option of the request reset (credentials, callbacks and their pointers into the request's
+ * context); when the pool is full the handle is freed. The share and its connections stay. */
+static void handle_release(registry_client *c, CURL *h)
+{
+  curl_easy_reset(h);
+  pthread_mutex_lock(&c->pool_lock);
+  if (c->n_pool < ARRAY_SIZE(c->pool)) {
+    c->pool[c->n_pool++] = h;
+    h = NULL;
+  }
+  pthread_mutex_unlock(&c->pool_lock);
+  if (h)
+    curl_easy_cleanup(h);
+}
+
+size_t registry_client_idle_handles(registry_client *c)
+{
+  pthread_mutex_lock(&c->pool_lock);
+  size_t n = c->n_pool;
+  pthread_mutex_unlock(&c->pool_lock);
+  return n;
+}
+
 /* Runs one request. auth: the repo's auth state to present (NULL: none). basic: a credential to present with HTTP
  * Basic instead (the token endpoint). */
 static CURLcode perform(registry_repo *r, const char *url, const char *accept, const auth_snapshot *auth,
                         const credential *basic, xfer_ctx *ctx, long *ret_status)
 {
   registry_client *c = r->client;
-  CURL *h = curl_easy_init();
+  CURL *h = handle_acquire(c);
   if (!h)
     return CURLE_OUT_OF_MEMORY;
   ctx->h = h;
@@ -619,7 +705,8 @@ static CURLcode perform(registry_repo *r, const char *url, const char *accept, c
   ctx->errbuf[0] = 0;
   struct curl_slist *hdrs = NULL;
 
-  curl_easy_setopt(h, CURLOPT_SHARE, c->share);
+  /* The same size on every request: a pooled handle keeps the buffer of its first one. */
+  curl_easy_setopt(h, CURLOPT_BUFFERSIZE, (long) REGISTRY_RECV_BUFFER);
   curl_easy_setopt(h, CURLOPT_URL, url);
   curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(h, CURLOPT_ERRORBUFFER, ctx->errbuf);
@@ -641,7 +728,7 @@ static CURLcode perform(registry_repo *r, const char *url, const char *accept, c
   curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
   curl_easy_setopt(h, CURLOPT_XFERINFODATA, ctx);
   curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
-  setup_tls(c, h, r->host);
+  setup_tls(r, h);
 
   if (accept) {
     cleanup_free char *a = xasprintf("Accept: %s", accept);
@@ -674,12 +761,9 @@ static CURLcode perform(registry_repo *r, const char *url, const char *accept, c
 
   CURLcode cc = curl_easy_perform(h);
   *ret_status = current_status(ctx);
-  /* Wipe secrets curl keeps in the handle before it is freed. */
-  curl_easy_setopt(h, CURLOPT_XOAUTH2_BEARER, NULL);
-  curl_easy_setopt(h, CURLOPT_PASSWORD, NULL);
+  /* ctx->h stays valid for status only until here; the reset drops the secrets and the pointers into ctx. */
+  handle_release(c, h);
   curl_slist_free_all(hdrs);
-  /* ctx->h stays valid for header_get/status only until here */
-  curl_easy_cleanup(h);
   ctx->h = NULL;
   return cc;
 }

@@ -34,6 +34,12 @@ typedef struct registry_client_options {
   int64_t min_speed_window_ms;
 } registry_client_options;
 
+#define REGISTRY_HANDLE_POOL 8 /* idle curl handles kept per client for the next requests */
+/* curl's receive buffer per handle: a blob arrives in write callbacks of up to this size (curl's default is 16 KiB).
+ * Measured on a 393 MB pull, 3 downloads: 64 KiB saves about 6% of the CPU of 16 KiB; 256 KiB and 1 MiB save no more
+ * but cost peak RSS (+1 MB, +6 MB: one buffer per pooled handle). */
+#define REGISTRY_RECV_BUFFER (64 * 1024)
+#define REGISTRY_CANCEL_POLL_MS 50 /* registry_xfer.cancelled is asked at most this often during a transfer */
 #define REGISTRY_TOKEN_CACHE_SIZE 64 /* Bearer tokens kept per client, keyed by (realm, service, scope, credential) */
 #define REGISTRY_OAUTH_CLIENT_ID "crimage"
 
@@ -44,7 +50,7 @@ void registry_client_free(registry_client *c);
 
 /* One repository on one endpoint. endpoint is "https://host[:port]" or "http://host[:port]" (no trailing slash; a
  * path prefix is allowed and "/v2" is appended unless override_path). host names the registry in messages and
- * picks the certs.d directory. cred may be NULL (anonymous); it is copied. */
+ * picks the certs.d directory (looked up once, here). cred may be NULL (anonymous); it is copied. */
 typedef struct registry_repo registry_repo;
 int registry_repo_new(registry_client *c, const char *endpoint, bool override_path, const char *host,
                       const char *name, const credential *cred, registry_repo **ret, crimage_error **err);
@@ -105,6 +111,9 @@ int auth_challenges_parse(const char *header, auth_challenge *challenges, size_t
 void auth_challenges_clear(auth_challenge *challenges, size_t n);
 /* The value of a parameter (case-insensitive name) or NULL. */
 const char *auth_challenge_param(const auth_challenge *c, const char *name);
+
+/* How many idle curl handles the client holds for reuse (at most REGISTRY_HANDLE_POOL). */
+size_t registry_client_idle_handles(registry_client *c);
 
 /* Maps a registry error code ("MANIFEST_UNKNOWN", ...) and HTTP status to a status. */
 int registry_status_from_code(const char *code, long http_status);

@@ -703,6 +703,69 @@ static void test_token_cache_bounded(void **state)
   registry_client_free(client);
 }
 
+/* Handles are pooled and reset between requests: one idle handle serves a sequence of requests, and nothing of one
+ * request (credentials, HEAD, Range, the sink) leaks into the next. */
+static void test_handle_reuse(void **state)
+{
+  fixture *f = *state;
+  registry_client *client = NULL;
+  crimage_error *err = NULL;
+  assert_int_equal(registry_client_new(NULL, &client, &err), 0);
+  assert_int_equal(registry_client_idle_handles(client), 0);
+  char *body = NULL, *ct = NULL;
+  size_t len = 0;
+
+  /* with a credential, then without: the second is refused (the reused handle forgot the password) */
+  credential *c = credential_new();
+  c->username = xstrdup("alice");
+  c->password = xstrdup("s3cret:with:colons");
+  registry_repo *r = NULL;
+  assert_int_equal(registry_repo_new(client, f->aendpoint, false, f->areg.host, "private/img", c, &r, &err), 0);
+  if (registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err) < 0)
+    fail_msg("%s", err->message);
+  free(body);
+  free(ct);
+  registry_repo_free(r);
+  credential_free(c);
+  assert_int_equal(registry_client_idle_handles(client), 1);
+  assert_int_equal(registry_repo_new(client, f->aendpoint, false, f->areg.host, "private/img", NULL, &r, &err), 0);
+  assert_true(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_UNAUTHENTICATED);
+  crimage_error_clear(&err);
+  registry_repo_free(r);
+
+  /* HEAD, a ranged GET, then a whole GET of a 64 KiB blob on the same handle: every byte arrives */
+  assert_int_equal(registry_repo_new(client, f->endpoint, false, f->reg.host, "test/big", NULL, &r, &err), 0);
+  char *digest = NULL;
+  int64_t size = -1;
+  assert_int_equal(registry_head_manifest(r, "v1", NULL, &digest, NULL, &size, &err), 0);
+  assert_non_null(digest);
+  assert_true(size > 0);
+  free(digest);
+  assert_int_equal(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err), 0);
+  manifest *m = NULL;
+  assert_int_equal(manifest_parse(body, len, ct, &m, &err), 0);
+  const manifest_descriptor *l = &m->layers[0];
+  dynbuf b;
+  dynbuf_init(&b, 1 << 20);
+  registry_sink s = {.write = buf_write, .restart = buf_restart, .userdata = &b};
+  assert_int_equal(registry_get_blob(r, l->digest, (uint64_t) l->size - 100, l->size, &s, NULL, &err), 0);
+  assert_int_equal(b.len, 100);
+  dynbuf_reset(&b);
+  assert_int_equal(registry_get_blob(r, l->digest, 0, l->size, &s, NULL, &err), 0);
+  assert_int_equal(b.len, (size_t) l->size);
+  char got[DIGEST_MAX_LEN + 1];
+  digest_sha256(b.data, b.len, got);
+  assert_string_equal(got, l->digest);
+  assert_int_equal(registry_client_idle_handles(client), 1);
+  dynbuf_free(&b);
+  manifest_free(m);
+  free(body);
+  free(ct);
+  registry_repo_free(r);
+  registry_client_free(client);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -715,6 +778,7 @@ int main(void)
       cmocka_unit_test(test_bearer_token), cmocka_unit_test(test_token_scope_cache),
       cmocka_unit_test(test_token_get_fallback_and_expiry), cmocka_unit_test(test_token_refresh_grant),
       cmocka_unit_test(test_throughput_floor), cmocka_unit_test(test_token_cache_bounded),
+      cmocka_unit_test(test_handle_reuse),
   };
   int failed = cmocka_run_group_tests_name("parsing", tests, NULL, NULL);
   failed += cmocka_run_group_tests_name("registry", live, group_setup, group_teardown);
