@@ -46,12 +46,22 @@ struct rpc_server {
   bool shutting_down; /* under lock */
 
   pthread_mutex_t lock;
-  pthread_cond_t idle; /* signalled when active drops to 0 */
-  unsigned active;     /* call threads running */
+  pthread_cond_t idle; /* signalled when active drops to 0, and when workers drops to 0 */
+  unsigned active;     /* calls queued or being served */
+
+  /* Calls are served by a pool of worker threads that grows on demand (a long pull holds its worker) and shrinks
+   * when workers stay idle: no thread is created per call in steady state. */
+  pthread_cond_t work;
+  rpc_call *queue_head, *queue_tail;
+  unsigned queued;
+  unsigned workers;      /* worker threads alive */
+  unsigned idle_workers; /* of those, waiting for a call */
+  bool stop_workers;
 };
 
 struct rpc_call {
   rpc_server *server;
+  rpc_call *next; /* in the server's queue */
   grpc_call *call;
   grpc_completion_queue *cq;
   char *method_path;
@@ -83,6 +93,7 @@ int rpc_server_new(rpc_server **ret, crimage_error **err)
   }
   pthread_mutex_init(&s->lock, NULL);
   pthread_cond_init(&s->idle, NULL);
+  pthread_cond_init(&s->work, NULL);
 
   grpc_init();
   grpc_arg args[] = {
@@ -319,9 +330,11 @@ static void serve_call(rpc_call *c)
     call_wait(c, &tag_close, gpr_inf_future(GPR_CLOCK_MONOTONIC));
 }
 
-static void *call_thread(void *arg)
+/* How long a worker with nothing to do waits before it exits. */
+#define WORKER_IDLE_MS 30000
+
+static void finish_call(rpc_call *c)
 {
-  rpc_call *c = arg;
   rpc_server *s = c->server;
 
   serve_call(c);
@@ -338,6 +351,45 @@ static void *call_thread(void *arg)
 
   pthread_mutex_lock(&s->lock);
   if (--s->active == 0)
+    pthread_cond_broadcast(&s->idle);
+  pthread_mutex_unlock(&s->lock);
+}
+
+/* Takes the oldest queued call; the lock is held. */
+static rpc_call *queue_pop(rpc_server *s)
+{
+  rpc_call *c = s->queue_head;
+  s->queue_head = c->next;
+  if (!s->queue_head)
+    s->queue_tail = NULL;
+  s->queued--;
+  return c;
+}
+
+static void *worker_thread(void *arg)
+{
+  rpc_server *s = arg;
+  pthread_mutex_lock(&s->lock);
+  for (;;) {
+    if (!s->queue_head) {
+      if (s->stop_workers)
+        break;
+      struct timespec until;
+      clock_gettime(CLOCK_REALTIME, &until);
+      until.tv_sec += WORKER_IDLE_MS / 1000;
+      s->idle_workers++;
+      int r = pthread_cond_timedwait(&s->work, &s->lock, &until);
+      s->idle_workers--;
+      if (r == ETIMEDOUT && !s->queue_head)
+        break;
+      continue;
+    }
+    rpc_call *c = queue_pop(s);
+    pthread_mutex_unlock(&s->lock);
+    finish_call(c);
+    pthread_mutex_lock(&s->lock);
+  }
+  if (--s->workers == 0)
     pthread_cond_broadcast(&s->idle);
   pthread_mutex_unlock(&s->lock);
   return NULL;
@@ -362,6 +414,21 @@ static bool request_call(rpc_server *s)
   return true;
 }
 
+/* Serves queued calls on the calling thread until the queue is empty (when no worker thread can be started). */
+static void worker_until_empty(rpc_server *s)
+{
+  pthread_mutex_lock(&s->lock);
+  while (s->queue_head) {
+    rpc_call *c = queue_pop(s);
+    pthread_mutex_unlock(&s->lock);
+    finish_call(c);
+    pthread_mutex_lock(&s->lock);
+  }
+  if (--s->workers == 0)
+    pthread_cond_broadcast(&s->idle);
+  pthread_mutex_unlock(&s->lock);
+}
+
 static void start_call(rpc_server *s, pending_call *p)
 {
   rpc_call *c = xcalloc(1, sizeof(*c));
@@ -375,18 +442,32 @@ static void start_call(rpc_server *s, pending_call *p)
 
   pthread_mutex_lock(&s->lock);
   s->active++;
+  c->next = NULL;
+  if (s->queue_tail)
+    s->queue_tail->next = c;
+  else
+    s->queue_head = c;
+  s->queue_tail = c;
+  s->queued++;
+  bool need_worker = s->idle_workers < s->queued;
+  if (need_worker)
+    s->workers++;
+  else
+    pthread_cond_signal(&s->work);
   pthread_mutex_unlock(&s->lock);
+  if (!need_worker)
+    return;
 
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   pthread_t t;
-  int r = pthread_create(&t, &attr, call_thread, c);
+  int r = pthread_create(&t, &attr, worker_thread, s);
   pthread_attr_destroy(&attr);
   if (r != 0) {
-    /* Out of threads: answer in line rather than dropping the call. */
-    log_error("cannot start a thread for %s: %s", c->method_path, strerror(r));
-    call_thread(c);
+    /* Out of threads: serve the queue right here (as the worker counted above) rather than drop calls. */
+    log_error("cannot start a worker thread: %s", strerror(r));
+    worker_until_empty(s);
   }
 }
 
@@ -512,6 +593,14 @@ void rpc_server_shutdown(rpc_server *s, int grace_ms)
 
   grpc_completion_queue_shutdown(s->cq);
   pthread_join(s->dispatch_thread, NULL);
+
+  /* No call is left: let the workers go, and wait until none touches the server any more. */
+  pthread_mutex_lock(&s->lock);
+  s->stop_workers = true;
+  pthread_cond_broadcast(&s->work);
+  while (s->workers > 0)
+    pthread_cond_wait(&s->idle, &s->lock);
+  pthread_mutex_unlock(&s->lock);
   s->started = false;
 }
 
@@ -534,6 +623,7 @@ void rpc_server_free(rpc_server *s)
   close(s->wake_fd);
   pthread_mutex_destroy(&s->lock);
   pthread_cond_destroy(&s->idle);
+  pthread_cond_destroy(&s->work);
   free(s->services);
   free(s);
   grpc_shutdown();
