@@ -131,6 +131,23 @@ static void verb_getopt_begin(const cli_verb *verb, char **argv, char **saved_na
   optind = 0; /* glibc: a full re-initialisation */
 }
 
+/* Parses the options of a verb that has only the common ones and takes no arguments; *saved_name as for
+ * verb_getopt_begin. */
+static int parse_common_only(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv, char **saved_name)
+{
+  static const struct option options[] = {COMMON_LONG_OPTIONS, {}};
+  verb_getopt_begin(verb, argv, saved_name);
+  int opt;
+  while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS, options, NULL)) != -1) {
+    int r = common_option(ctx, verb, opt, optarg);
+    if (r != CLI_CONTINUE)
+      return r;
+  }
+  if (optind < argc)
+    return usage_error(verb, "takes no arguments");
+  return CLI_CONTINUE;
+}
+
 static int ctx_client(cli_ctx *ctx, crimage_client **ret, crimage_error **err)
 {
   if (!ctx->client) {
@@ -211,9 +228,33 @@ static int pull_parse(const cli_verb *verb, cli_ctx *ctx, int argc, char **argv,
       {"quiet", no_argument, NULL, 'q'},
       {},
   };
-  /* Secrets are copied and wiped from argv as soon as getopt hands them over, even when parsing fails later. */
+  /* The options that take a string of their own; secrets are copied and wiped from argv as soon as getopt hands
+   * them over, even when parsing fails later. */
+  const struct {
+    int opt;
+    char **dst;
+    bool secret;
+  } strings[] = {
+      {OPT_CREDS, &o->creds, true},
+      {OPT_USERNAME, &o->username, false},
+      {OPT_PASSWORD, &o->password, true},
+      {OPT_AUTH, &o->auth, true},
+      {OPT_SERVER_ADDRESS, &o->server_address, false},
+      {OPT_IDENTITY_TOKEN, &o->identity_token, true},
+      {OPT_REGISTRY_TOKEN, &o->registry_token, true},
+  };
   int opt;
   while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS "q", options, NULL)) != -1) {
+    size_t i = 0;
+    while (i < ARRAY_SIZE(strings) && strings[i].opt != opt)
+      i++;
+    if (i < ARRAY_SIZE(strings)) {
+      if (strings[i].secret)
+        take_secret(strings[i].dst, optarg);
+      else
+        take_string(strings[i].dst, optarg);
+      continue;
+    }
     switch (opt) {
     case OPT_RUNTIME_HANDLER:
       o->runtime_handler = optarg;
@@ -224,29 +265,8 @@ static int pull_parse(const cli_verb *verb, cli_ctx *ctx, int argc, char **argv,
     case 'q':
       o->quiet = true;
       break;
-    case OPT_CREDS:
-      take_secret(&o->creds, optarg);
-      break;
-    case OPT_USERNAME:
-      take_string(&o->username, optarg);
-      break;
-    case OPT_PASSWORD:
-      take_secret(&o->password, optarg);
-      break;
     case OPT_PASSWORD_STDIN:
       o->password_stdin = true;
-      break;
-    case OPT_AUTH:
-      take_secret(&o->auth, optarg);
-      break;
-    case OPT_SERVER_ADDRESS:
-      take_string(&o->server_address, optarg);
-      break;
-    case OPT_IDENTITY_TOKEN:
-      take_secret(&o->identity_token, optarg);
-      break;
-    case OPT_REGISTRY_TOKEN:
-      take_secret(&o->registry_token, optarg);
       break;
     case OPT_POD_UID:
       o->pod_uid = optarg;
@@ -1030,17 +1050,10 @@ static int verb_rm(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
 
 static int verb_fsinfo(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
 {
-  static const struct option options[] = {COMMON_LONG_OPTIONS, {}};
   cleanup_free char *name = NULL;
-  verb_getopt_begin(verb, argv, &name);
-  int opt;
-  while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS, options, NULL)) != -1) {
-    int r = common_option(ctx, verb, opt, optarg);
-    if (r != CLI_CONTINUE)
-      return r;
-  }
-  if (optind < argc)
-    return usage_error(verb, "takes no arguments");
+  int r = parse_common_only(ctx, verb, argc, argv, &name);
+  if (r != CLI_CONTINUE)
+    return r;
 
   crimage_error *err = NULL;
   crimage_client *client = NULL;
@@ -1173,17 +1186,10 @@ static int verb_auth(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
 
 static int verb_version(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
 {
-  static const struct option options[] = {COMMON_LONG_OPTIONS, {}};
   cleanup_free char *name = NULL;
-  verb_getopt_begin(verb, argv, &name);
-  int opt;
-  while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS, options, NULL)) != -1) {
-    int r = common_option(ctx, verb, opt, optarg);
-    if (r != CLI_CONTINUE)
-      return r;
-  }
-  if (optind < argc)
-    return usage_error(verb, "takes no arguments");
+  int r = parse_common_only(ctx, verb, argc, argv, &name);
+  if (r != CLI_CONTINUE)
+    return r;
   if (ctx_output(ctx, CLI_OUTPUT_TABLE) == CLI_OUTPUT_JSON) {
     cleanup_json json_object *obj = json_object_new_object();
     json_object_object_add(obj, "version", json_object_new_string(crimage_version()));

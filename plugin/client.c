@@ -121,11 +121,9 @@ static void completion_queue_destroy(grpc_completion_queue *cq)
   grpc_completion_queue_destroy(cq);
 }
 
-/* Runs one unary call of a service: sends req, returns the unpacked reply (free it with
- * protobuf_c_message_free_unpacked). A non-OK gRPC status becomes a crimage_error with the same status number. */
-static int unary_call_service(crimage_client *c, const char *service, const char *method, const ProtobufCMessage *req,
-                              const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **ret,
-                              crimage_error **err)
+/* Packs req into a byte buffer for sending. The packed copy is wiped when gRPC frees it: a request can carry
+ * registry credentials. */
+static int pack_request(const ProtobufCMessage *req, const char *method, grpc_byte_buffer **ret, crimage_error **err)
 {
   size_t len = protobuf_c_message_get_packed_size(req);
   if (len > CLIENT_MAX_MESSAGE)
@@ -138,79 +136,136 @@ static int unary_call_service(crimage_client *c, const char *service, const char
   } else {
     req_slice = grpc_empty_slice();
   }
-  grpc_byte_buffer *send_buf = grpc_raw_byte_buffer_create(&req_slice, 1);
+  *ret = grpc_raw_byte_buffer_create(&req_slice, 1);
   grpc_slice_unref(req_slice);
+  return 0;
+}
 
+/* One call of /service/method on its own completion queue, bounded by the client's deadline, with what gRPC fills
+ * in for it: the unary and the streaming call both begin and end one this way. */
+typedef struct rpc_call {
+  grpc_completion_queue *cq;
+  grpc_call *call;
+  grpc_byte_buffer *send_buf;
+  grpc_metadata_array initial_md, trailing_md;
+  grpc_status_code status;
+  grpc_slice details;
+} rpc_call;
+
+static int rpc_call_begin(rpc_call *rc, crimage_client *c, const char *service, const char *method,
+                          const ProtobufCMessage *req, crimage_error **err)
+{
+  grpc_byte_buffer *send_buf = NULL;
+  int r = pack_request(req, method, &send_buf, err);
+  if (r < 0)
+    return r;
   cleanup_free char *path = xasprintf("/%s/%s", service, method);
   grpc_slice method_slice = grpc_slice_from_copied_string(path);
-  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
-  grpc_call *call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method_slice, NULL,
-                                             call_deadline(c), NULL);
+  rc->cq = grpc_completion_queue_create_for_next(NULL);
+  rc->call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, rc->cq, method_slice, NULL,
+                                      call_deadline(c), NULL);
   grpc_slice_unref(method_slice);
+  rc->send_buf = send_buf;
+  grpc_metadata_array_init(&rc->initial_md);
+  grpc_metadata_array_init(&rc->trailing_md);
+  rc->status = GRPC_STATUS_UNKNOWN;
+  rc->details = grpc_empty_slice();
+  return 0;
+}
 
-  grpc_metadata_array initial_md, trailing_md;
-  grpc_metadata_array_init(&initial_md);
-  grpc_metadata_array_init(&trailing_md);
-  grpc_byte_buffer *recv_buf = NULL;
-  grpc_status_code status = GRPC_STATUS_UNKNOWN;
-  grpc_slice details = grpc_empty_slice();
+static void rpc_call_end(rpc_call *rc)
+{
+  grpc_slice_unref(rc->details);
+  grpc_call_unref(rc->call);
+  completion_queue_destroy(rc->cq);
+  grpc_byte_buffer_destroy(rc->send_buf);
+  grpc_metadata_array_destroy(&rc->initial_md);
+  grpc_metadata_array_destroy(&rc->trailing_md);
+}
 
-  grpc_op ops[6];
-  memset(ops, 0, sizeof(ops));
+/* Fills ops[0..3], the ops every call starts with: send the request and close, receive the initial metadata. */
+static void rpc_call_send_ops(rpc_call *rc, grpc_op ops[4])
+{
+  memset(ops, 0, 4 * sizeof(*ops));
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
   ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = send_buf;
+  ops[1].data.send_message.send_message = rc->send_buf;
   ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
   ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[3].data.recv_initial_metadata.recv_initial_metadata = &initial_md;
+  ops[3].data.recv_initial_metadata.recv_initial_metadata = &rc->initial_md;
+}
+
+/* Fills op to receive the call's status into rc. */
+static void rpc_call_status_op(rpc_call *rc, grpc_op *op)
+{
+  memset(op, 0, sizeof(*op));
+  op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  op->data.recv_status_on_client.trailing_metadata = &rc->trailing_md;
+  op->data.recv_status_on_client.status = &rc->status;
+  op->data.recv_status_on_client.status_details = &rc->details;
+}
+
+/* Turns a non-OK gRPC status into a crimage_error with the same status number. */
+static int status_error(grpc_status_code status, grpc_slice details, const char *method, crimage_error **err)
+{
+  cleanup_free char *msg = slice_to_printable(details);
+  int code = (int) status;
+  crimage_status st = (code > 0 && code <= (int) CRIMAGE_UNAUTHENTICATED) ? (crimage_status) code : CRIMAGE_UNKNOWN;
+  return crimage_error_set(err, st, 0, "%s: %s", method, str_empty(msg) ? crimage_status_name(st) : msg);
+}
+
+/* Unpacks a received message as desc; NULL when the buffer cannot be read or the message is malformed. */
+static ProtobufCMessage *unpack_message(grpc_byte_buffer *buf, const ProtobufCMessageDescriptor *desc)
+{
+  grpc_byte_buffer_reader reader;
+  if (!grpc_byte_buffer_reader_init(&reader, buf))
+    return NULL;
+  grpc_slice data = grpc_byte_buffer_reader_readall(&reader);
+  grpc_byte_buffer_reader_destroy(&reader);
+  ProtobufCMessage *msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(data), GRPC_SLICE_START_PTR(data));
+  grpc_slice_unref(data);
+  return msg;
+}
+
+/* Runs one unary call of a service: sends req, returns the unpacked reply (free it with
+ * protobuf_c_message_free_unpacked). A non-OK gRPC status becomes a crimage_error with the same status number. */
+static int unary_call_service(crimage_client *c, const char *service, const char *method, const ProtobufCMessage *req,
+                              const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **ret,
+                              crimage_error **err)
+{
+  rpc_call rc;
+  int r = rpc_call_begin(&rc, c, service, method, req, err);
+  if (r < 0)
+    return r;
+  grpc_byte_buffer *recv_buf = NULL;
+  grpc_op ops[6];
+  rpc_call_send_ops(&rc, ops);
+  memset(&ops[4], 0, sizeof(ops[4]));
   ops[4].op = GRPC_OP_RECV_MESSAGE;
   ops[4].data.recv_message.recv_message = &recv_buf;
-  ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  ops[5].data.recv_status_on_client.trailing_metadata = &trailing_md;
-  ops[5].data.recv_status_on_client.status = &status;
-  ops[5].data.recv_status_on_client.status_details = &details;
+  rpc_call_status_op(&rc, &ops[5]);
 
-  int r = 0;
-  grpc_call_error cerr = grpc_call_start_batch(call, ops, ARRAY_SIZE(ops), call, NULL);
+  grpc_call_error cerr = grpc_call_start_batch(rc.call, ops, ARRAY_SIZE(ops), rc.call, NULL);
   if (cerr != GRPC_CALL_OK) {
     r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: cannot start call (error %d)", method, (int) cerr);
   } else {
     /* The call's own deadline bounds this wait: gRPC completes the batch with DEADLINE_EXCEEDED. */
-    grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    grpc_event ev = grpc_completion_queue_next(rc.cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     if (ev.type != GRPC_OP_COMPLETE || !ev.success)
       r = crimage_error_set(err, CRIMAGE_UNKNOWN, 0, "%s: call failed", method);
   }
-  grpc_call_unref(call);
-  completion_queue_destroy(cq);
-  grpc_byte_buffer_destroy(send_buf);
-  grpc_metadata_array_destroy(&initial_md);
-  grpc_metadata_array_destroy(&trailing_md);
-
-  if (r == 0 && status != GRPC_STATUS_OK) {
-    cleanup_free char *msg = slice_to_printable(details);
-    int code = (int) status;
-    crimage_status st = (code > 0 && code <= (int) CRIMAGE_UNAUTHENTICATED) ? (crimage_status) code : CRIMAGE_UNKNOWN;
-    r = crimage_error_set(err, st, 0, "%s: %s", method, str_empty(msg) ? crimage_status_name(st) : msg);
-  }
-  grpc_slice_unref(details);
+  if (r == 0 && rc.status != GRPC_STATUS_OK)
+    r = status_error(rc.status, rc.details, method, err);
+  rpc_call_end(&rc);
 
   if (r == 0 && !recv_buf)
     r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: the server sent no reply", method);
   if (r == 0) {
-    grpc_byte_buffer_reader reader;
-    if (!grpc_byte_buffer_reader_init(&reader, recv_buf)) {
-      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: cannot read the reply", method);
-    } else {
-      grpc_slice data = grpc_byte_buffer_reader_readall(&reader);
-      grpc_byte_buffer_reader_destroy(&reader);
-      ProtobufCMessage *reply =
-          protobuf_c_message_unpack(reply_desc, NULL, GRPC_SLICE_LENGTH(data), GRPC_SLICE_START_PTR(data));
-      grpc_slice_unref(data);
-      if (!reply)
-        r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed reply", method);
-      else
-        *ret = reply;
-    }
+    ProtobufCMessage *reply = unpack_message(recv_buf, reply_desc);
+    if (!reply)
+      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed reply", method);
+    else
+      *ret = reply;
   }
   if (recv_buf)
     grpc_byte_buffer_destroy(recv_buf);
@@ -238,54 +293,24 @@ static int stream_call(crimage_client *c, const char *service, const char *metho
                        const ProtobufCMessageDescriptor *msg_desc,
                        int (*fn)(void *ud, const ProtobufCMessage *msg), void *ud, crimage_error **err)
 {
-  size_t len = protobuf_c_message_get_packed_size(req);
-  if (len > CLIENT_MAX_MESSAGE)
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EMSGSIZE, "%s: request too large", method);
-  grpc_slice req_slice = grpc_slice_malloc(len);
-  protobuf_c_message_pack(req, GRPC_SLICE_START_PTR(req_slice));
-  grpc_byte_buffer *send_buf = grpc_raw_byte_buffer_create(&req_slice, 1);
-  grpc_slice_unref(req_slice);
-
-  cleanup_free char *path = xasprintf("/%s/%s", service, method);
-  grpc_slice method_slice = grpc_slice_from_copied_string(path);
-  grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
-  grpc_call *call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method_slice, NULL,
-                                             call_deadline(c), NULL);
-  grpc_slice_unref(method_slice);
-
-  grpc_metadata_array initial_md, trailing_md;
-  grpc_metadata_array_init(&initial_md);
-  grpc_metadata_array_init(&trailing_md);
-  grpc_status_code status = GRPC_STATUS_UNKNOWN;
-  grpc_slice details = grpc_empty_slice();
-  int r = 0;
+  rpc_call rc;
+  int r = rpc_call_begin(&rc, c, service, method, req, err);
+  if (r < 0)
+    return r;
   bool stopped = false;
 
   grpc_op ops[4];
-  memset(ops, 0, sizeof(ops));
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = send_buf;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[3].data.recv_initial_metadata.recv_initial_metadata = &initial_md;
-  bool sent = run_batch(call, cq, ops, 4);
+  rpc_call_send_ops(&rc, ops);
+  bool sent = run_batch(rc.call, rc.cq, ops, 4);
   while (sent && !stopped) {
     grpc_byte_buffer *recv_buf = NULL;
     grpc_op op;
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &recv_buf;
-    if (!run_batch(call, cq, &op, 1) || !recv_buf)
+    if (!run_batch(rc.call, rc.cq, &op, 1) || !recv_buf)
       break; /* the end of the stream (or of the call): the status tells which */
-    grpc_byte_buffer_reader reader;
-    ProtobufCMessage *msg = NULL;
-    if (grpc_byte_buffer_reader_init(&reader, recv_buf)) {
-      grpc_slice data = grpc_byte_buffer_reader_readall(&reader);
-      grpc_byte_buffer_reader_destroy(&reader);
-      msg = protobuf_c_message_unpack(msg_desc, NULL, GRPC_SLICE_LENGTH(data), GRPC_SLICE_START_PTR(data));
-      grpc_slice_unref(data);
-    }
+    ProtobufCMessage *msg = unpack_message(recv_buf, msg_desc);
     grpc_byte_buffer_destroy(recv_buf);
     if (!msg) {
       r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed message", method);
@@ -295,31 +320,19 @@ static int stream_call(crimage_client *c, const char *service, const char *metho
       protobuf_c_message_free_unpacked(msg, NULL);
     }
     if (stopped)
-      grpc_call_cancel(call, NULL);
+      grpc_call_cancel(rc.call, NULL);
   }
   grpc_op st;
-  memset(&st, 0, sizeof(st));
-  st.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  st.data.recv_status_on_client.trailing_metadata = &trailing_md;
-  st.data.recv_status_on_client.status = &status;
-  st.data.recv_status_on_client.status_details = &details;
-  bool got_status = run_batch(call, cq, &st, 1);
+  rpc_call_status_op(&rc, &st);
+  bool got_status = run_batch(rc.call, rc.cq, &st, 1);
   if (r == 0 && !stopped) {
     if (!got_status) {
       r = crimage_error_set(err, CRIMAGE_UNKNOWN, 0, "%s: call failed", method);
-    } else if (status != GRPC_STATUS_OK) {
-      cleanup_free char *msg = slice_to_printable(details);
-      int code = (int) status;
-      crimage_status cs = (code > 0 && code <= (int) CRIMAGE_UNAUTHENTICATED) ? (crimage_status) code : CRIMAGE_UNKNOWN;
-      r = crimage_error_set(err, cs, 0, "%s: %s", method, str_empty(msg) ? crimage_status_name(cs) : msg);
+    } else if (rc.status != GRPC_STATUS_OK) {
+      r = status_error(rc.status, rc.details, method, err);
     }
   }
-  grpc_slice_unref(details);
-  grpc_call_unref(call);
-  completion_queue_destroy(cq);
-  grpc_byte_buffer_destroy(send_buf);
-  grpc_metadata_array_destroy(&initial_md);
-  grpc_metadata_array_destroy(&trailing_md);
+  rpc_call_end(&rc);
   return r;
 }
 

@@ -67,6 +67,12 @@ static void usage(FILE *out)
 
 enum { OPT_DEFAULT_REGISTRY = 256, OPT_INSECURE_REGISTRY, OPT_CERTS_DIR };
 
+static void replace_string(char **dst, const char *s)
+{
+  free(*dst);
+  *dst = xstrdup(s);
+}
+
 /* Two passes: the config file first, then the flags over it. Returns 0 to go on, 1 to exit 0, -1 on usage error. */
 static int parse_args(int argc, char **argv, crimaged_config *cfg, crimage_error **err)
 {
@@ -118,12 +124,10 @@ static int parse_args(int argc, char **argv, crimaged_config *cfg, crimage_error
   while ((c = getopt_long(argc, argv, "c:r:s:l:Vh", options, NULL)) != -1) {
     switch (c) {
     case 'r':
-      free(cfg->root);
-      cfg->root = xstrdup(optarg);
+      replace_string(&cfg->root, optarg);
       break;
     case 's':
-      free(cfg->socket);
-      cfg->socket = xstrdup(optarg);
+      replace_string(&cfg->socket, optarg);
       break;
     case 'l':
       cfg->log_level = log_level_from_string(optarg);
@@ -133,15 +137,13 @@ static int parse_args(int argc, char **argv, crimaged_config *cfg, crimage_error
       }
       break;
     case OPT_DEFAULT_REGISTRY:
-      free(cfg->default_registry);
-      cfg->default_registry = xstrdup(optarg);
+      replace_string(&cfg->default_registry, optarg);
       break;
     case OPT_INSECURE_REGISTRY:
       config_add_insecure_registry(cfg, optarg);
       break;
     case OPT_CERTS_DIR:
-      free(cfg->certs_dir);
-      cfg->certs_dir = xstrdup(optarg);
+      replace_string(&cfg->certs_dir, optarg);
       break;
     default:
       break;

@@ -3,6 +3,7 @@
 
 import copy
 import hashlib
+import http.client
 import http.server
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -93,15 +95,79 @@ class QuietHTTPServer(http.server.ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+# Headers that concern one connection only: a proxy does not pass them on.
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "upgrade"}
+
+
+def forward_upstream(handler, upstream, with_body):
+    """Sends the request `handler` is serving to `upstream` (host:port) without its hop-by-hop headers; returns
+    (status, headers, body, length), body empty and length from Content-Length when not `with_body` (HEAD)."""
+    conn = http.client.HTTPConnection(upstream, timeout=60)
+    try:
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
+        conn.request(handler.command, handler.path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read() if with_body else b""
+        length = len(body) if with_body else int(resp.getheader("Content-Length") or 0)
+        return resp.status, resp.getheaders(), body, length
+    finally:
+        conn.close()
+
+
+class ForwardingHandler(http.server.BaseHTTPRequestHandler):
+    """A proxy's request handler: GET and HEAD go to _forward(with_body), which subclasses define."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def send_forwarded_head(self, status, headers, length):
+        self.send_response(status)
+        for k, v in headers:
+            if k.lower() not in HOP_BY_HOP:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def do_GET(self):
+        self._forward(True)
+
+    def do_HEAD(self):
+        self._forward(False)
+
+
+class ProxyServer:
+    """Serves `handler_class` on a free port of 127.0.0.1 on a thread of its own."""
+
+    def __init__(self, handler_class):
+        self.server = QuietHTTPServer(("127.0.0.1", 0), handler_class)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def host(self):
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(30)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CRI client generated from the project's own proto
 
 
-def generate_cri_module(outdir):
-    """Compiles cri/api.proto to a Python message module in `outdir` and imports it.
+def generate_proto_module(outdir, proto, module_name, probe, subdir="gen"):
+    """Compiles cri/`proto` to a Python message module in `outdir` and imports it as `module_name`; `probe(mod)`
+    must succeed on the loaded module.
 
     Debian's grpc_tools bundles its own protoc; should its output not load with the installed protobuf runtime, the
-    standalone protoc (protobuf-compiler) is tried instead. Only the message module is needed: the client below calls
+    standalone protoc (protobuf-compiler) is tried instead. Only the message module is needed: the clients call
     methods through generic channel stubs, so no generated service code is involved.
     """
     proto_dir = os.path.join(REPO, "cri")
@@ -110,22 +176,29 @@ def generate_cri_module(outdir):
         attempts.append(["protoc"])
     errors = []
     for i, tool in enumerate(attempts):
-        d = os.path.join(outdir, f"gen{i}")
+        d = os.path.join(outdir, f"{subdir}{i}")
         os.makedirs(d, exist_ok=True)
-        r = subprocess.run(tool + [f"-I{proto_dir}", f"--python_out={d}", os.path.join(proto_dir, "api.proto")],
+        r = subprocess.run(tool + [f"-I{proto_dir}", f"--python_out={d}", os.path.join(proto_dir, proto)],
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             errors.append(f"{tool}: {r.stderr}")
             continue
         try:
-            spec = importlib.util.spec_from_file_location("crimage_cri_api_pb2", os.path.join(d, "api_pb2.py"))
+            pb2 = os.path.splitext(proto)[0] + "_pb2.py"
+            spec = importlib.util.spec_from_file_location(module_name, os.path.join(d, pb2))
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
-            mod.ImageSpec(image="x", runtime_handler="y").SerializeToString()
+            probe(mod)
             return mod
         except Exception as e:  # noqa: BLE001 -- any failure to load means: try the next generator
             errors.append(f"{tool}: generated module does not load: {e!r}")
-    raise RuntimeError("cannot generate a Python CRI client from cri/api.proto:\n" + "\n".join(errors))
+    raise RuntimeError(f"cannot generate a Python client from cri/{proto}:\n" + "\n".join(errors))
+
+
+def generate_cri_module(outdir):
+    """Compiles cri/api.proto to a Python message module in `outdir` and imports it."""
+    return generate_proto_module(outdir, "api.proto", "crimage_cri_api_pb2",
+                                 lambda mod: mod.ImageSpec(image="x", runtime_handler="y").SerializeToString())
 
 
 class CriClient:
@@ -204,6 +277,59 @@ def cri(tmp_path_factory):
 # Registry
 
 
+def registry_answers(host, auth=False):
+    """True once docker-registry at `host` answers /v2/ (with 401 too when `auth`: up, and asking for
+    credentials)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}/v2/", timeout=2) as resp:
+            return resp.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code == 401 and auth
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def registry_config(port, storage, auth="", delete=True):
+    """docker-registry's YAML for the tests: warnings only, filesystem `storage` (deletes allowed when `delete`),
+    127.0.0.1:port, then the `auth` section."""
+    delete_yaml = "  delete:\n    enabled: true\n" if delete else ""
+    return f"""version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {storage}
+{delete_yaml}http:
+  addr: 127.0.0.1:{port}
+  secret: crimage-integration-tests
+{auth}"""
+
+
+def launch_registry(reg, config_text, ready, what="docker-registry"):
+    """Starts Debian's docker-registry for `reg` (an object with workdir, log, port and proc attributes) on a free
+    port of 127.0.0.1, with the YAML that config_text(port) returns, and waits until ready() holds. Sets reg.port and
+    reg.proc and returns reg."""
+    exe = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+    config = os.path.join(reg.workdir, "config.yml")
+    for _ in range(5):  # the free port can be taken between probing and binding: retry with another
+        reg.port = free_port()
+        with open(config, "w") as f:
+            f.write(config_text(reg.port))
+        logf = open(reg.log, "ab")
+        reg.proc = subprocess.Popen([exe, "serve", config], stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT)
+        logf.close()
+        try:
+            wait_for(ready, READY_TIMEOUT, "docker-registry", reg.proc, reg.log)
+            return reg
+        except RuntimeError:
+            stop_process(reg.proc)
+            reg.proc = None
+    raise RuntimeError(f"{what} did not start:\n" + tail(reg.log))
+
+
 class Registry:
     """docker-registry on 127.0.0.1; with `users` ({name: password}) it requires HTTP basic auth (htpasswd)."""
 
@@ -219,13 +345,7 @@ class Registry:
         return f"127.0.0.1:{self.port}"
 
     def _answers(self):
-        try:
-            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as resp:
-                return resp.status == 200
-        except urllib.error.HTTPError as e:
-            return e.code == 401 and bool(self.users)
-        except (urllib.error.URLError, OSError):
-            return False
+        return registry_answers(self.host, auth=bool(self.users))
 
     def _auth_config(self):
         if not self.users:
@@ -243,38 +363,10 @@ class Registry:
 """
 
     def start(self):
-        exe = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-        for _ in range(5):  # the free port can be taken between probing and binding: retry with another
-            self.port = free_port()
-            storage = os.path.join(self.workdir, "storage")
-            os.makedirs(storage, exist_ok=True)
-            config = os.path.join(self.workdir, "config.yml")
-            with open(config, "w") as f:
-                f.write(f"""version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {storage}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{self.port}
-  secret: crimage-integration-tests
-""" + self._auth_config())
-            logf = open(self.log, "ab")
-            self.proc = subprocess.Popen([exe, "serve", config], stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT)
-            logf.close()
-            try:
-                wait_for(self._answers, READY_TIMEOUT, "docker-registry", self.proc, self.log)
-                return self
-            except RuntimeError:
-                stop_process(self.proc)
-                self.proc = None
-        raise RuntimeError("docker-registry did not start:\n" + tail(self.log))
+        storage = os.path.join(self.workdir, "storage")
+        os.makedirs(storage, exist_ok=True)
+        auth = self._auth_config()
+        return launch_registry(self, lambda port: registry_config(port, storage, auth), self._answers)
 
     def stop(self):
         if self.proc is not None:

@@ -5,14 +5,13 @@ Secrets made by kubectl, credential-provider plugins and docker credential helpe
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-from conftest import READY_TIMEOUT, REPO, free_port, stop_process, tail, wait_for
+from conftest import launch_registry, registry_answers, registry_config, stop_process
+from registry_helpers import TokenServer, htpasswd
 
 PROVIDER_API = "credentialprovider.kubelet.k8s.io/v1"
-TOKEN_SERVER = os.path.join(REPO, "tests", "unit", "data", "token-server.py")
 
 
 class AuthRegistry:
@@ -27,93 +26,42 @@ class AuthRegistry:
         self.password = password
         self.port = None
         self.proc = None
-        self.token_proc = None
+        self.token_server = None
         self.log = os.path.join(workdir, "registry.log")
-        self.token_requests = os.path.join(workdir, "token-requests.log")
+        self.token_requests = os.path.join(workdir, "token", "requests.log")  # token mode: the token server's log
 
     @property
     def host(self):
         return f"127.0.0.1:{self.port}"
 
     def _answers(self):
-        import urllib.error
-        import urllib.request
-        try:
-            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2):
-                return True
-        except urllib.error.HTTPError as e:
-            return e.code == 401  # up, and asking for credentials
-        except (urllib.error.URLError, OSError):
-            return False
+        return registry_answers(self.host, auth=True)
 
     def _auth_section(self):
         if self.mode == "htpasswd":
             path = os.path.join(self.workdir, "htpasswd")
-            subprocess.run(["htpasswd", "-Bbc", path, self.user, self.password], check=True, capture_output=True,
-                           timeout=60)
+            htpasswd(path, self.user, self.password)
             return f"auth:\n  htpasswd:\n    realm: crimage-test\n    path: {path}\n"
-        key = os.path.join(self.workdir, "token.key")
-        crt = os.path.join(self.workdir, "token.crt")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt,
-                        "-days", "2", "-subj", "/CN=crimage-test-token"], check=True, capture_output=True, timeout=120)
-        portfile = os.path.join(self.workdir, "token.port")
-        env = dict(os.environ, TOKEN_USER=self.user, TOKEN_PASS=self.password)
-        logf = open(os.path.join(self.workdir, "token-server.log"), "ab")
-        self.token_proc = subprocess.Popen([sys.executable, TOKEN_SERVER, portfile, key, crt, "crimage-test-issuer",
-                                            "crimage-test-registry", self.token_requests],
-                                           stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env)
-        logf.close()
-
-        def port_ready():
-            try:
-                with open(portfile) as f:
-                    return f.read().strip().isdigit()
-            except OSError:
-                return False
-
-        wait_for(port_ready, READY_TIMEOUT, "token server", self.token_proc)
-        with open(portfile) as f:
-            port = int(f.read().strip())
-        return (f"auth:\n  token:\n    realm: http://127.0.0.1:{port}/token\n    service: crimage-test-registry\n"
-                f"    issuer: crimage-test-issuer\n    rootcertbundle: {crt}\n")
+        self.token_server = TokenServer(self.workdir, user=self.user, password=self.password)
+        self.token_requests = self.token_server.requests_log
+        return self.token_server.auth_yaml
 
     def start(self):
-        exe = shutil.which("docker-registry") or "/usr/bin/docker-registry"
         auth = self._auth_section()
-        for _ in range(5):
-            self.port = free_port()
-            config = os.path.join(self.workdir, "config.yml")
-            with open(config, "w") as f:
-                f.write(f"""version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {self.storage}
-http:
-  addr: 127.0.0.1:{self.port}
-  secret: crimage-integration-tests
-{auth}""")
-            logf = open(self.log, "ab")
-            self.proc = subprocess.Popen([exe, "serve", config], stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT)
-            logf.close()
-            try:
-                wait_for(self._answers, READY_TIMEOUT, "docker-registry", self.proc, self.log)
-                return self
-            except RuntimeError:
-                stop_process(self.proc)
-                self.proc = None
-        self.stop()
-        raise RuntimeError("docker-registry with auth did not start:\n" + tail(self.log))
+        try:
+            return launch_registry(self, lambda port: registry_config(port, self.storage, auth, delete=False),
+                                   self._answers,
+                                   "docker-registry with auth")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self):
-        for p in (self.proc, self.token_proc):
-            if p is not None:
-                stop_process(p)
-        self.proc = self.token_proc = None
+        if self.proc is not None:
+            stop_process(self.proc)
+        if self.token_server is not None:
+            self.token_server.stop()
+        self.proc = self.token_server = None
 
 
 def b64(s):
@@ -151,6 +99,18 @@ def _write_exe(path, text):
     return path
 
 
+
+def _write_provider_config(config_path, name, match):
+    """A kubelet CredentialProviderConfig with the one plugin `name` for the images `match` matches."""
+    config = {
+        "apiVersion": "kubelet.config.k8s.io/v1",
+        "kind": "CredentialProviderConfig",
+        "providers": [{"name": name, "matchImages": list(match), "defaultCacheDuration": "1m",
+                       "apiVersion": PROVIDER_API}],
+    }
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+
 def write_provider(bin_dir, config_path, name, match, auth, calls_file=None):
     """A credential-provider plugin <bin_dir>/<name> answering `auth` ({pattern: (user, password)}) for images
     matching `match` (a list of matchImages patterns), and the CredentialProviderConfig naming it. Each run appends
@@ -172,14 +132,7 @@ if calls:
         f.write(req["image"] + "\\n")
 json.dump({answer!r}, sys.stdout)
 """)
-    config = {
-        "apiVersion": "kubelet.config.k8s.io/v1",
-        "kind": "CredentialProviderConfig",
-        "providers": [{"name": name, "matchImages": list(match), "defaultCacheDuration": "1m",
-                       "apiVersion": PROVIDER_API}],
-    }
-    with open(config_path, "w") as f:
-        json.dump(config, f)
+    _write_provider_config(config_path, name, match)
     return config_path
 
 
@@ -210,12 +163,5 @@ sys.stdout.write({stdout_text!r})
 sys.stderr.write({stderr_text!r})
 sys.exit(1)
 """)
-    config = {
-        "apiVersion": "kubelet.config.k8s.io/v1",
-        "kind": "CredentialProviderConfig",
-        "providers": [{"name": name, "matchImages": list(match), "defaultCacheDuration": "1m",
-                       "apiVersion": PROVIDER_API}],
-    }
-    with open(config_path, "w") as f:
-        json.dump(config, f)
+    _write_provider_config(config_path, name, match)
     return config_path

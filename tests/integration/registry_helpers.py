@@ -4,7 +4,6 @@ openssl, the token server of tests/unit/data/token-server.py, and a fault-inject
 import base64
 import hashlib
 import http.client
-import http.server
 import json
 import os
 import socket
@@ -13,7 +12,7 @@ import sys
 import threading
 import time
 
-from conftest import READY_TIMEOUT, REPO, QuietHTTPServer, free_port, stop_process, tail, wait_for
+from conftest import READY_TIMEOUT, REPO, ForwardingHandler, ProxyServer, launch_registry, stop_process, wait_for
 
 DATA = os.path.join(REPO, "tests", "unit", "data")
 
@@ -82,12 +81,7 @@ class RegistryProcess:
             return False
 
     def start(self):
-        exe = "/usr/bin/docker-registry"
-        for _ in range(5):
-            self.port = free_port()
-            config = os.path.join(self.workdir, "config.yml")
-            with open(config, "w") as f:
-                f.write(f"""version: 0.1
+        return launch_registry(self, lambda port: f"""version: 0.1
 log:
   level: info
 storage:
@@ -96,22 +90,11 @@ storage:
   delete:
     enabled: true
 http:
-  addr: 127.0.0.1:{self.port}
+  addr: 127.0.0.1:{port}
   secret: crimage-registry-tests
 {self.http_extra}
 {self.extra}
-""")
-            logf = open(self.log, "ab")
-            self.proc = subprocess.Popen([exe, "serve", config], stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT)
-            logf.close()
-            try:
-                wait_for(self._accepts, READY_TIMEOUT, "docker-registry", self.proc, self.log)
-                return self
-            except RuntimeError:
-                stop_process(self.proc)
-                self.proc = None
-        raise RuntimeError("docker-registry did not start:\n" + tail(self.log))
+""", self._accepts)
 
     def stop(self):
         if self.proc is not None:
@@ -174,14 +157,14 @@ class TokenServer:
 
 
 def htpasswd(path, user, password):
-    subprocess.run(["htpasswd", "-Bbc", path, user, password], check=True, capture_output=True)
+    subprocess.run(["htpasswd", "-Bbc", path, user, password], check=True, capture_output=True, timeout=60)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # A fault-injecting front for a registry
 
 
-class FaultProxy:
+class FaultProxy(ProxyServer):
     """Forwards GET/HEAD to `upstream` (host:port, plain HTTP) and misbehaves as told by its attributes:
 
     basic            (user, password): require HTTP Basic auth on /v2/ (401 with a Basic challenge otherwise)
@@ -208,30 +191,13 @@ class FaultProxy:
         self._done = set()
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(ForwardingHandler):
+            def _forward(self, with_body):
+                proxy._handle(self, head=not with_body)
 
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                proxy._handle(self, head=True)
-
-            def do_GET(self):
-                proxy._handle(self, head=False)
-
-        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
+        super().__init__(Handler)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def host(self):
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.start()
 
     def count(self, **kv):
         with self.lock:

@@ -2,24 +2,14 @@
 counts the requests it forwards, and a client of crimaged's own crimage.v1.PullProgress service generated from
 cri/crimage.proto."""
 
-import http.client
-import http.server
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 
 import grpc
 
-from conftest import REPO, RPC_TIMEOUT, QuietHTTPServer
+from conftest import RPC_TIMEOUT, ForwardingHandler, ProxyServer, forward_upstream, generate_proto_module
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "upgrade"}
-
-
-class SlowProxy:
+class SlowProxy(ProxyServer):
     """Forwards every request to `upstream`. Blob bodies go out in `chunk`-byte pieces with `chunk_delay` seconds
     between them, after `blob_delay` seconds, so a pull lasts long enough for others to overlap with it. Every
     request is recorded as (method, path)."""
@@ -33,34 +23,15 @@ class SlowProxy:
         self.requests = []
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt, *args):
-                pass
-
+        class Handler(ForwardingHandler):
             def _forward(self, with_body):
                 with proxy.lock:
                     proxy.requests.append((self.command, self.path))
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
-                    conn.request(self.command, self.path, headers=headers)
-                    resp = conn.getresponse()
-                    body = resp.read() if with_body else b""
-                    status, resp_headers = resp.status, resp.getheaders()
-                    length = len(body) if with_body else int(resp.getheader("Content-Length") or 0)
-                finally:
-                    conn.close()
+                status, resp_headers, body, length = forward_upstream(self, proxy.upstream, with_body)
                 slow = with_body and "/blobs/" in self.path and status in (200, 206)
                 if slow and proxy.blob_delay:
                     time.sleep(proxy.blob_delay)
-                self.send_response(status)
-                for k, v in resp_headers:
-                    if k.lower() not in HOP_BY_HOP:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(length))
-                self.end_headers()
+                self.send_forwarded_head(status, resp_headers, length)
                 if not with_body:
                     return
                 try:
@@ -75,27 +46,7 @@ class SlowProxy:
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
 
-            def do_GET(self):
-                self._forward(True)
-
-            def do_HEAD(self):
-                self._forward(False)
-
-        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def host(self):
-        return f"127.0.0.1:{self.server.server_address[1]}"
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(30)
+        super().__init__(Handler)
 
     def snapshot(self):
         with self.lock:
@@ -117,28 +68,8 @@ class SlowProxy:
 
 def generate_progress_module(outdir):
     """Compiles cri/crimage.proto to a Python message module and imports it."""
-    proto_dir = os.path.join(REPO, "cri")
-    attempts = [[sys.executable, "-m", "grpc_tools.protoc"]]
-    if shutil.which("protoc"):
-        attempts.append(["protoc"])
-    errors = []
-    for i, tool in enumerate(attempts):
-        d = os.path.join(outdir, f"pgen{i}")
-        os.makedirs(d, exist_ok=True)
-        r = subprocess.run(tool + [f"-I{proto_dir}", f"--python_out={d}", os.path.join(proto_dir, "crimage.proto")],
-                           capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            errors.append(f"{tool}: {r.stderr}")
-            continue
-        try:
-            spec = importlib.util.spec_from_file_location("crimage_progress_pb2", os.path.join(d, "crimage_pb2.py"))
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            mod.WatchPullRequest(image="x").SerializeToString()
-            return mod
-        except Exception as e:  # noqa: BLE001 -- any failure to load means: try the next generator
-            errors.append(f"{tool}: generated module does not load: {e!r}")
-    raise RuntimeError("cannot generate a Python client from cri/crimage.proto:\n" + "\n".join(errors))
+    return generate_proto_module(outdir, "crimage.proto", "crimage_progress_pb2",
+                                 lambda mod: mod.WatchPullRequest(image="x").SerializeToString(), subdir="pgen")
 
 
 class ProgressClient:

@@ -4,8 +4,6 @@ The registry is put behind a small HTTP proxy that holds the large layer of the 
 until the test releases it. Assertions are about the order of events, never about durations.
 """
 
-import http.client
-import http.server
 import select
 import socket
 import threading
@@ -14,14 +12,13 @@ import time
 import grpc
 import pytest
 
-from conftest import QuietHTTPServer
+from conftest import ForwardingHandler, ProxyServer, forward_upstream
 
 HOLD_ABOVE = 1 << 20  # blobs larger than this are held (only the big layer is)
 CHUNK = 64 << 10
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "upgrade"}
 
 
-class GatedProxy:
+class GatedProxy(ProxyServer):
     """Forwards every request to the registry; sends the first CHUNK of a large blob, then waits for `release`."""
 
     def __init__(self, upstream):
@@ -32,33 +29,15 @@ class GatedProxy:
         self.requests = []
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt, *args):
-                pass
-
+        class Handler(ForwardingHandler):
             def _forward(self, with_body):
                 proxy.requests.append((self.command, self.path))
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
-                    conn.request(self.command, self.path, headers=headers)
-                    resp = conn.getresponse()
-                    body = resp.read() if with_body else b""
-                    self.send_response(resp.status)
-                    for k, v in resp.getheaders():
-                        if k.lower() not in HOP_BY_HOP:
-                            self.send_header(k, v)
-                    length = len(body) if with_body else int(resp.getheader("Content-Length") or 0)
-                    self.send_header("Content-Length", str(length))
-                    self.end_headers()
-                finally:
-                    conn.close()
+                status, resp_headers, body, length = forward_upstream(self, proxy.upstream, with_body)
+                self.send_forwarded_head(status, resp_headers, length)
                 if not with_body:
                     return
                 try:
-                    if "/blobs/" in self.path and len(body) > HOLD_ABOVE and resp.status == 200:
+                    if "/blobs/" in self.path and len(body) > HOLD_ABOVE and status == 200:
                         self.wfile.write(body[:CHUNK])
                         self.wfile.flush()
                         proxy.held.set()
@@ -88,28 +67,11 @@ class GatedProxy:
                             return False
                 return True
 
-            def do_GET(self):
-                self._forward(True)
-
-            def do_HEAD(self):
-                self._forward(False)
-
-        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def host(self):
-        return f"127.0.0.1:{self.server.server_address[1]}"
-
-    def start(self):
-        self.thread.start()
-        return self
+        super().__init__(Handler)
 
     def stop(self):
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(30)
+        super().stop()
 
 
 @pytest.fixture

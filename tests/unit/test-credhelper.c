@@ -13,6 +13,7 @@
 #include "auth/secrets.h"
 #include "common/fsutil.h"
 #include "common/util.h"
+#include "test-files.h"
 
 static const char helper_script[] =
     "#!/bin/sh\n"
@@ -41,23 +42,16 @@ typedef struct fixture {
   char *dir;
 } fixture;
 
-static void put(const char *path, const char *content, mode_t mode)
-{
-  cleanup_error crimage_error *err = NULL;
-  assert_int_equal(write_file_atomic(path, content, strlen(content), mode, &err), 0);
-}
-
 static int setup(void **state)
 {
   fixture *f = xcalloc(1, sizeof(*f));
-  f->dir = xstrdup("/tmp/test-credhelper-XXXXXX");
-  assert_non_null(mkdtemp(f->dir));
+  f->dir = test_mkdtemp("credhelper");
   cleanup_free char *helper = xasprintf("%s/docker-credential-test", f->dir);
-  put(helper, helper_script, 0755);
+  test_put(helper, helper_script, 0755);
   cleanup_free char *bin = xasprintf("%s/bin", f->dir);
   assert_int_equal(mkdir(bin, 0755), 0);
   cleanup_free char *plugin = xasprintf("%s/bin/ecr-like", f->dir);
-  put(plugin, plugin_script, 0755);
+  test_put(plugin, plugin_script, 0755);
   setenv("HELPER_STATE", f->dir, 1);
   *state = f;
   return 0;
@@ -66,8 +60,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
   fixture *f = *state;
-  cleanup_free char *cmd = xasprintf("rm -rf '%s'", f->dir);
-  assert_int_equal(system(cmd), 0);
+  test_rm_rf(f->dir);
   free(f->dir);
   free(f);
   return 0;
@@ -187,13 +180,13 @@ static void test_resolver_order(void **state)
 {
   fixture *f = *state;
   cleanup_free char *cfg = xasprintf("%s/config.json", f->dir);
-  put(cfg,
+  test_put(cfg,
       "{\"auths\": {\"r.io\": {\"username\": \"node\", \"password\": \"np\"},"
       " \"https://index.docker.io/v1/\": {\"username\": \"s1\", \"password\": \"sp1\"}},"
       " \"credHelpers\": {\"r.io\": \"test\"}}",
       0600);
   cleanup_free char *pcfg = xasprintf("%s/providers.yaml", f->dir);
-  put(pcfg,
+  test_put(pcfg,
       "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n"
       "- name: ecr-like\n  apiVersion: credentialprovider.kubelet.k8s.io/v1\n  matchImages: ['r.io']\n"
       "  defaultCacheDuration: 10m\n",
@@ -248,7 +241,7 @@ static void test_resolver_order(void **state)
   assert_int_equal(none.n, 0);
 
   /* The node config changes: reread. The provider answer stays cached (per registry). */
-  put(cfg, "{\"auths\": {\"r.io\": {\"username\": \"node2\", \"password\": \"np2\"}}}", 0600);
+  test_put(cfg, "{\"auths\": {\"r.io\": {\"username\": \"node2\", \"password\": \"np2\"}}}", 0600);
   cleanup_credential_list credential_list l2 = {0};
   assert_int_equal(auth_resolve(r, "r.io/team/app", "r.io", NULL, 0, &l2, &err), 0);
   assert_int_equal(l2.n, 2);
@@ -269,7 +262,7 @@ static void test_resolver_errors(void **state)
 {
   fixture *f = *state;
   cleanup_free char *pcfg = xasprintf("%s/providers.yaml", f->dir);
-  put(pcfg, "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders: []\n", 0644);
+  test_put(pcfg, "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders: []\n", 0644);
   auth_resolver_options o = {.provider_config = pcfg, .provider_bin_dir = f->dir};
   auth_resolver *r = NULL;
   cleanup_error crimage_error *err = NULL;
@@ -279,7 +272,7 @@ static void test_resolver_errors(void **state)
 
   /* A helper that fails is skipped: the other candidates are still returned. */
   cleanup_free char *cfg = xasprintf("%s/config.json", f->dir);
-  put(cfg, "{\"auths\": {\"broken.io\": {\"username\": \"u\", \"password\": \"p\"}}, \"credsStore\": \"test\"}", 0600);
+  test_put(cfg, "{\"auths\": {\"broken.io\": {\"username\": \"u\", \"password\": \"p\"}}, \"credsStore\": \"test\"}", 0600);
   char *paths[] = {cfg, NULL};
   auth_resolver_options o2 = {.docker_config_paths = paths, .helper_dir = f->dir};
   cleanup_auth_resolver auth_resolver *r2 = NULL;

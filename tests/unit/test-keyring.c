@@ -11,6 +11,7 @@
 #include "auth/match.h"
 #include "common/fsutil.h"
 #include "common/util.h"
+#include "test-files.h"
 
 static void put_file(const char *dir, const char *name, const char *content)
 {
@@ -19,19 +20,6 @@ static void put_file(const char *dir, const char *name, const char *content)
   assert_non_null(f);
   fputs(content, f);
   fclose(f);
-}
-
-static char *make_tmpdir(void)
-{
-  char *d = xstrdup("/tmp/test-keyring-XXXXXX");
-  assert_non_null(mkdtemp(d));
-  return d;
-}
-
-static void rm_rf(const char *dir)
-{
-  cleanup_free char *cmd = xasprintf("rm -rf '%s'", dir);
-  assert_int_equal(system(cmd), 0);
 }
 
 static void test_match_kubernetes_examples(void **state)
@@ -329,7 +317,7 @@ static void test_docker_hub_fallback(void **state)
 static void test_dockercfg_and_files(void **state)
 {
   (void) state;
-  cleanup_free char *dir = make_tmpdir();
+  cleanup_free char *dir = test_mkdtemp("keyring");
   put_file(dir, ".dockercfg", "{\"legacy.io\": {\"auth\": \"bGVnOmFjeQ==\", \"email\": \"e\"}}");
   put_file(dir, "config.json", "{\"auths\": {\"new.io\": {\"auth\": \"bmV3OnB3\"}}}");
   cleanup_free char *p1 = xasprintf("%s/.dockercfg", dir);
@@ -360,15 +348,15 @@ static void test_dockercfg_and_files(void **state)
   assert_true(keyring_load_file(p3, &k3, &err3) < 0);
   assert_null(k3);
   assert_non_null(strstr(err3->message, "larger than"));
-  rm_rf(dir);
+  test_rm_rf(dir);
 }
 
 static void test_node_search(void **state)
 {
   (void) state;
-  cleanup_free char *root = make_tmpdir();
-  cleanup_free char *home = make_tmpdir();
-  cleanup_free char *cwd = make_tmpdir();
+  cleanup_free char *root = test_mkdtemp("keyring");
+  cleanup_free char *home = test_mkdtemp("keyring");
+  cleanup_free char *cwd = test_mkdtemp("keyring");
   cleanup_free char *old_home = getenv("HOME") ? xstrdup(getenv("HOME")) : NULL;
   char old_cwd[4096];
   assert_non_null(getcwd(old_cwd, sizeof(old_cwd)));
@@ -429,9 +417,9 @@ static void test_node_search(void **state)
   assert_int_equal(chdir(old_cwd), 0);
   if (old_home)
     setenv("HOME", old_home, 1);
-  rm_rf(root);
-  rm_rf(home);
-  rm_rf(cwd);
+  test_rm_rf(root);
+  test_rm_rf(home);
+  test_rm_rf(cwd);
 }
 
 static void test_cred_helpers_config(void **state)

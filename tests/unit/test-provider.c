@@ -14,6 +14,7 @@
 #include "common/fsutil.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "test-files.h"
 
 #define API "credentialprovider.kubelet.k8s.io/v1"
 
@@ -53,15 +54,13 @@ static const char *const plugin_names[] = {"image",    "registry", "global",  "z
 static int setup(void **state)
 {
   fixture *f = xcalloc(1, sizeof(*f));
-  f->dir = xstrdup("/tmp/test-provider-XXXXXX");
-  assert_non_null(mkdtemp(f->dir));
+  f->dir = test_mkdtemp("provider");
   f->bin = xasprintf("%s/bin", f->dir);
   f->state = xasprintf("%s/state", f->dir);
   assert_int_equal(mkdir(f->bin, 0755), 0);
   assert_int_equal(mkdir(f->state, 0755), 0);
   cleanup_free char *main_path = xasprintf("%s/plugin.sh", f->dir);
-  cleanup_error crimage_error *err = NULL;
-  assert_int_equal(write_file_atomic(main_path, plugin_script, strlen(plugin_script), 0755, &err), 0);
+  test_put(main_path, plugin_script, 0755);
   for (size_t i = 0; i < ARRAY_SIZE(plugin_names); i++) {
     cleanup_free char *link = xasprintf("%s/%s", f->bin, plugin_names[i]);
     assert_int_equal(symlink(main_path, link), 0);
@@ -73,8 +72,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
   fixture *f = *state;
-  cleanup_free char *cmd = xasprintf("rm -rf '%s'", f->dir);
-  assert_int_equal(system(cmd), 0);
+  test_rm_rf(f->dir);
   free(f->dir);
   free(f->bin);
   free(f->state);

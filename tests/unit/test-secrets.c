@@ -12,6 +12,7 @@
 #include "common/fsutil.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "test-files.h"
 
 static void put_file(const char *dir, const char *name, const char *content)
 {
@@ -22,19 +23,6 @@ static void put_file(const char *dir, const char *name, const char *content)
   fputs(content, f);
   fclose(f);
   assert_int_equal(rename(tmp, path), 0);
-}
-
-static char *make_tmpdir(void)
-{
-  char *d = xstrdup("/tmp/test-secrets-XXXXXX");
-  assert_non_null(mkdtemp(d));
-  return d;
-}
-
-static void rm_rf(const char *dir)
-{
-  cleanup_free char *cmd = xasprintf("rm -rf '%s'", dir);
-  assert_int_equal(system(cmd), 0);
 }
 
 static keyring **parse_ok(const char *yaml, size_t *n)
@@ -240,7 +228,7 @@ static void test_bad_secrets(void **state)
 static void test_load_dir_and_reload(void **state)
 {
   (void) state;
-  cleanup_free char *dir = make_tmpdir();
+  cleanup_free char *dir = test_mkdtemp("secrets");
   const char *tpl =
       "apiVersion: v1\nkind: Secret\nmetadata: {name: %s}\ntype: kubernetes.io/dockerconfigjson\n"
       "stringData:\n  .dockerconfigjson: '{\"auths\": {\"r.io\": {\"username\": \"%s\", \"password\": \"p\"}}}'\n";
@@ -300,7 +288,7 @@ static void test_load_dir_and_reload(void **state)
   secret_dir_free(sd);
 
   /* A directory that does not exist: no Secrets, no error. */
-  rm_rf(dir);
+  test_rm_rf(dir);
   sd = secret_dir_new(dir);
   assert_int_equal(secret_dir_get(sd, &v, &n, &err), 0);
   assert_null(err);

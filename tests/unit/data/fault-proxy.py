@@ -12,13 +12,14 @@ Listens on 127.0.0.1 (a free port, written to PORTFILE) and forwards GETs to UPS
   - /trickle/<path> serves UPSTREAM<path> without auth, its body in 256-byte pieces every half second (512 B/s).
 """
 import base64
-import http.server
 import json
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
+
+from testserver import QuietHandler, serve
 
 FORWARD_REQ = ("Accept", "Range")
 FORWARD_RESP = ("Content-Type", "Content-Length", "Content-Range", "Docker-Content-Digest")
@@ -29,10 +30,7 @@ def main():
     want = "Basic " + base64.b64encode(("%s:%s" % (os.environ["FAULT_USER"], os.environ["FAULT_PASS"])).encode()).decode()
     failed_once = set()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
+    class Handler(QuietHandler):
         def record(self, kind):
             with open(log, "a") as f:
                 f.write(json.dumps({"kind": kind, "path": self.path,
@@ -53,14 +51,6 @@ def main():
                 v = resp.headers.get(h)
                 if v is not None and h != "Content-Length":
                     self.send_header(h, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def simple(self, status, headers=(), body=b""):
-            self.send_response(status)
-            for k, v in headers:
-                self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -91,24 +81,20 @@ def main():
                 return self.proxy(self.path[len("/redirected"):])
             if self.headers.get("Authorization") != want:
                 self.record("challenge")
-                return self.simple(401, [("WWW-Authenticate", 'Basic realm="fault proxy, test"')])
+                return self.send_body(401, [("WWW-Authenticate", 'Basic realm="fault proxy, test"')])
             if "/manifests/" in self.path and self.path not in failed_once:
                 failed_once.add(self.path)
                 self.record("503")
                 body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "try again"}]}).encode()
-                return self.simple(503, [("Retry-After", "0"), ("Content-Type", "application/json")], body)
+                return self.send_body(503, [("Retry-After", "0"), ("Content-Type", "application/json")], body)
             if "/blobs/" in self.path:
                 self.record("redirect")
                 port = self.server.server_address[1]
-                return self.simple(307, [("Location", "http://localhost:%d/redirected%s" % (port, self.path))])
+                return self.send_body(307, [("Location", "http://localhost:%d/redirected%s" % (port, self.path))])
             self.record("proxy")
             return self.proxy(self.path)
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    with open(portfile + ".tmp", "w") as f:
-        f.write(str(srv.server_address[1]))
-    os.rename(portfile + ".tmp", portfile)
-    srv.serve_forever()
+    serve(Handler, portfile)
 
 
 if __name__ == "__main__":

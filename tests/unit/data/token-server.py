@@ -19,7 +19,6 @@ and for POST grant_type, client_id, service, scope, username. Secrets are never 
 """
 import base64
 import datetime
-import http.server
 import json
 import os
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import threading
 import time
 import urllib.parse
+
+from testserver import QuietHandler, serve
 
 
 def b64url(data):
@@ -67,19 +68,12 @@ def main():
                              capture_output=True, check=True).stdout
         return signing_input + "." + b64url(sig), now
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
 
         def answer(self, status, obj=None):
             body = json.dumps(obj).encode() if obj is not None else b""
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_body(status, [("Content-Type", "application/json")], body)
 
         def grant(self, scopes, key_name):
             token, now = make_token(scopes)
@@ -121,12 +115,7 @@ def main():
                 return self.answer(400, {"error": "unsupported_grant_type"})
             self.grant(form.get("scope", []), "access_token")
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
-    with open(portfile + ".tmp", "w") as f:
-        f.write(str(srv.server_address[1]))
-    os.rename(portfile + ".tmp", portfile)
-    srv.serve_forever()
+    serve(Handler, portfile)
 
 
 if __name__ == "__main__":
