@@ -366,13 +366,14 @@ static rpc_call *queue_pop(rpc_server *s)
   return c;
 }
 
-static void *worker_thread(void *arg)
+/* Serves queued calls. A pool worker (wait) waits for more and leaves after WORKER_IDLE_MS without work; the
+ * fallback when no thread can be started (!wait) returns as soon as the queue is empty. */
+static void worker_loop(rpc_server *s, bool wait)
 {
-  rpc_server *s = arg;
   pthread_mutex_lock(&s->lock);
   for (;;) {
     if (!s->queue_head) {
-      if (s->stop_workers)
+      if (!wait || s->stop_workers)
         break;
       struct timespec until;
       clock_gettime(CLOCK_REALTIME, &until);
@@ -392,6 +393,11 @@ static void *worker_thread(void *arg)
   if (--s->workers == 0)
     pthread_cond_broadcast(&s->idle);
   pthread_mutex_unlock(&s->lock);
+}
+
+static void *worker_thread(void *arg)
+{
+  worker_loop(arg, true);
   return NULL;
 }
 
@@ -412,21 +418,6 @@ static bool request_call(rpc_server *s)
     return false;
   }
   return true;
-}
-
-/* Serves queued calls on the calling thread until the queue is empty (when no worker thread can be started). */
-static void worker_until_empty(rpc_server *s)
-{
-  pthread_mutex_lock(&s->lock);
-  while (s->queue_head) {
-    rpc_call *c = queue_pop(s);
-    pthread_mutex_unlock(&s->lock);
-    finish_call(c);
-    pthread_mutex_lock(&s->lock);
-  }
-  if (--s->workers == 0)
-    pthread_cond_broadcast(&s->idle);
-  pthread_mutex_unlock(&s->lock);
 }
 
 static void start_call(rpc_server *s, pending_call *p)
@@ -467,7 +458,7 @@ static void start_call(rpc_server *s, pending_call *p)
   if (r != 0) {
     /* Out of threads: serve the queue right here (as the worker counted above) rather than drop calls. */
     log_error("cannot start a worker thread: %s", strerror(r));
-    worker_until_empty(s);
+    worker_loop(s, false);
   }
 }
 

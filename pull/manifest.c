@@ -283,7 +283,10 @@ int manifest_select_platform(const manifest *index, const platform *want, const 
                            platform_string(want, buf, sizeof(buf)), avail.len ? avail.data : "none");
 }
 
-int image_config_user(const char *data, size_t len, char **ret_user, crimage_error **err)
+/* Config.User and rootfs.diff_ids of an image config. *ret_diff_ids (NULL-terminated) is NULL when the config has
+ * none or they cannot be matched to the layers (n_skipped foreign layers were left out of the manifest). */
+int image_config_parse(const char *data, size_t len, size_t n_layers, size_t n_skipped, char **ret_user,
+                       char ***ret_diff_ids, crimage_error **err)
 {
   cleanup_json json_object *root = NULL;
   int r = json_parse(data, len, "image config", &root, err);
@@ -292,6 +295,24 @@ int image_config_user(const char *data, size_t len, char **ret_user, crimage_err
   if (!json_object_is_type(root, json_type_object))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config is not a JSON object");
   const char *user = json_get_string(json_get_object(root, "config"), "User");
+  json_object *ids = json_get_array(json_get_object(root, "rootfs"), "diff_ids");
+  size_t n = ids ? json_object_array_length(ids) : 0;
+  char **diff_ids = NULL;
+  if (ids && n_skipped == 0) {
+    if (n != n_layers)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config lists %zu diff_ids for %zu layers", n,
+                               n_layers);
+    diff_ids = xcalloc(n + 1, sizeof(char *));
+    for (size_t i = 0; i < n; i++) {
+      const char *d = json_object_get_string(json_object_array_get_idx(ids, i));
+      if (!d || !digest_valid(d)) {
+        strv_free(diff_ids);
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config: diff_ids[%zu] is not a digest", i);
+      }
+      diff_ids[i] = xstrdup(d);
+    }
+  }
   *ret_user = xstrdup(user ? user : "");
+  *ret_diff_ids = diff_ids;
   return 0;
 }

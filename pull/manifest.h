@@ -67,7 +67,10 @@ bool manifest_media_type_is_image(const char *media_type);
 int manifest_select_platform(const manifest *index, const platform *want, const manifest_descriptor **ret,
                              crimage_error **err);
 
-/* Reads Config.User from an image config blob ("" when unset). */
-int image_config_user(const char *data, size_t len, char **ret_user, crimage_error **err);
+/* Reads Config.User ("" when unset) and rootfs.diff_ids of an image config blob. *ret_diff_ids (NULL-terminated) is
+ * NULL when the config has none or they cannot be matched to the layers (n_skipped foreign layers were left out of
+ * the manifest); diff_ids that are not digests, or not one per layer, are INVALID_ARGUMENT. */
+int image_config_parse(const char *data, size_t len, size_t n_layers, size_t n_skipped, char **ret_user,
+                       char ***ret_diff_ids, crimage_error **err);
 
 #endif

@@ -635,40 +635,6 @@ static int try_unchanged(puller *p, const pull_request *req, registry_repo *repo
   return 1;
 }
 
-/* Config.User and rootfs.diff_ids of an image config. *ret_diff_ids (NULL-terminated) is NULL when the config has
- * none or they cannot be matched to the layers (n_skipped foreign layers were left out of the manifest). */
-static int parse_config(const char *data, size_t len, size_t n_layers, size_t n_skipped, char **ret_user,
-                        char ***ret_diff_ids, crimage_error **err)
-{
-  cleanup_json json_object *root = NULL;
-  int r = json_parse(data, len, "image config", &root, err);
-  if (r < 0)
-    return r;
-  if (!json_object_is_type(root, json_type_object))
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config is not a JSON object");
-  const char *user = json_get_string(json_get_object(root, "config"), "User");
-  json_object *ids = json_get_array(json_get_object(root, "rootfs"), "diff_ids");
-  size_t n = ids ? json_object_array_length(ids) : 0;
-  char **diff_ids = NULL;
-  if (ids && n_skipped == 0) {
-    if (n != n_layers)
-      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config lists %zu diff_ids for %zu layers", n,
-                               n_layers);
-    diff_ids = xcalloc(n + 1, sizeof(char *));
-    for (size_t i = 0; i < n; i++) {
-      const char *d = json_object_get_string(json_object_array_get_idx(ids, i));
-      if (!d || !digest_valid(d)) {
-        strv_free(diff_ids);
-        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config: diff_ids[%zu] is not a digest", i);
-      }
-      diff_ids[i] = xstrdup(d);
-    }
-  }
-  *ret_user = xstrdup(user ? user : "");
-  *ret_diff_ids = diff_ids;
-  return 0;
-}
-
 /* Where one attempt of a pull goes: a mirror or the upstream registry. */
 typedef struct pull_endpoint {
   char *url;          /* "https://host[:port][/prefix]" */
@@ -775,7 +741,7 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
       size_t cfg_len = 0;
       r = store_blob_read(p->store, m->config.digest, IMAGE_CONFIG_MAX_SIZE, &cfg, &cfg_len, err);
       if (r == 0) {
-        r = parse_config(cfg, cfg_len, m->n_layers, m->n_skipped_layers, &user, &diff_ids, err);
+        r = image_config_parse(cfg, cfg_len, m->n_layers, m->n_skipped_layers, &user, &diff_ids, err);
         if (r < 0)
           crimage_error_wrap(err, "image %s", m->config.digest);
       }

@@ -249,14 +249,31 @@ static void test_config_user(void **state)
   char *user = NULL;
   crimage_error *err = NULL;
   const char *c1 = "{\"architecture\":\"amd64\",\"config\":{\"User\":\"1003:1004\"}}";
-  assert_int_equal(image_config_user(c1, strlen(c1), &user, &err), 0);
+  char **diff_ids = NULL;
+  assert_int_equal(image_config_parse(c1, strlen(c1), 0, 0, &user, &diff_ids, &err), 0);
   assert_string_equal(user, "1003:1004");
+  assert_null(diff_ids);
   free(user);
   const char *c2 = "{\"architecture\":\"amd64\"}";
-  assert_int_equal(image_config_user(c2, strlen(c2), &user, &err), 0);
+  assert_int_equal(image_config_parse(c2, strlen(c2), 0, 0, &user, &diff_ids, &err), 0);
   assert_string_equal(user, "");
   free(user);
-  assert_true(image_config_user("nope", 4, &user, &err) < 0);
+  assert_true(image_config_parse("nope", 4, 0, 0, &user, &diff_ids, &err) < 0);
+  crimage_error_free(err);
+  err = NULL;
+
+  /* diff_ids: one digest per layer, or an error naming the problem. */
+  const char *c3 = "{\"config\":{},\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:"
+                   "0000000000000000000000000000000000000000000000000000000000000000\"]}}";
+  assert_int_equal(image_config_parse(c3, strlen(c3), 1, 0, &user, &diff_ids, &err), 0);
+  assert_non_null(diff_ids);
+  assert_string_equal(diff_ids[0], "sha256:0000000000000000000000000000000000000000000000000000000000000000");
+  assert_null(diff_ids[1]);
+  strv_free(diff_ids);
+  free(user);
+  diff_ids = NULL;
+  assert_true(image_config_parse(c3, strlen(c3), 2, 0, &user, &diff_ids, &err) < 0);
+  assert_non_null(strstr(err->message, "1 diff_ids for 2 layers"));
   crimage_error_free(err);
 }
 
