@@ -25,6 +25,7 @@ struct image_service {
   platform host_platform;
   scheduler *scheduler;
   backoff *backoff;
+  char **pinned; /* normalized references (name:tag or name@digest) of pinned images */
   progress_tracker *progress;
   pull_credentials *credentials;
   handler_store *handler_stores; /* handler names owned */
@@ -91,10 +92,40 @@ static bool waiters_all_cancelled(image_service *svc, pull_waiters *w)
   return all;
 }
 
+/* The pinned references in the form the store records names: "name:tag" or "name@digest". */
+static int normalize_pinned(char *const *refs, const char *default_registry, char ***ret, crimage_error **err)
+{
+  cleanup_strv char **out = xcalloc(1, sizeof(char *));
+  for (size_t i = 0; refs && refs[i]; i++) {
+    cleanup_reference image_ref *ref = NULL;
+    int r = reference_parse(refs[i], default_registry, &ref, err);
+    if (r < 0)
+      return crimage_error_wrap(err, "pinned image");
+    cleanup_free char *key = ref->digest ? reference_digested(ref) : reference_tagged(ref);
+    strv_add_unique(&out, key);
+  }
+  *ret = TAKE_PTR(out);
+  return 0;
+}
+
+static bool is_pinned(const image_service *svc, const store_image *img)
+{
+  for (size_t i = 0; svc->pinned[i]; i++)
+    if (strv_contains(img->repo_tags, svc->pinned[i]) || strv_contains(img->repo_digests, svc->pinned[i]))
+      return true;
+  return false;
+}
+
 int image_service_new(store *st, puller *p, const image_service_options *opts, image_service **ret,
                       crimage_error **err)
 {
+  cleanup_strv char **pinned = NULL;
+  int r = normalize_pinned(opts->pinned_images,
+                           opts->default_registry ? opts->default_registry : REFERENCE_DEFAULT_REGISTRY, &pinned, err);
+  if (r < 0)
+    return r;
   image_service *svc = xcalloc(1, sizeof(*svc));
+  svc->pinned = TAKE_PTR(pinned);
   svc->store = st;
   svc->puller = p;
   svc->default_registry = xstrdup(opts->default_registry ? opts->default_registry : REFERENCE_DEFAULT_REGISTRY);
@@ -136,6 +167,7 @@ void image_service_free(image_service *svc)
   pthread_mutex_destroy(&svc->waiters_lock);
   free(svc->handlers);
   free(svc->default_registry);
+  strv_free(svc->pinned);
   free(svc);
 }
 
@@ -295,7 +327,7 @@ static void fill_user(Runtime__V1__Image *out, const char *user)
   }
 }
 
-static Runtime__V1__Image *to_cri_image(const store_image *img)
+static Runtime__V1__Image *to_cri_image(const image_service *svc, const store_image *img)
 {
   Runtime__V1__Image *out = xmalloc(sizeof(*out));
   runtime__v1__image__init(out);
@@ -303,7 +335,7 @@ static Runtime__V1__Image *to_cri_image(const store_image *img)
   out->repo_tags = strv_to_repeated(img->repo_tags, &out->n_repo_tags);
   out->repo_digests = strv_to_repeated(img->repo_digests, &out->n_repo_digests);
   out->size = img->size;
-  out->pinned = img->pinned;
+  out->pinned = img->pinned || is_pinned(svc, img);
   fill_user(out, img->user);
   out->spec = xmalloc(sizeof(*out->spec));
   runtime__v1__image_spec__init(out->spec);
@@ -351,7 +383,7 @@ static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMe
   Runtime__V1__ImageStatusResponse *reply = xmalloc(sizeof(*reply));
   runtime__v1__image_status_response__init(reply);
   if (img) {
-    reply->image = to_cri_image(img);
+    reply->image = to_cri_image(svc, img);
     if (req->verbose) {
       char *info = NULL;
       if (build_info(svc, img, &info, err) < 0) {
@@ -450,7 +482,7 @@ static int handle_list_images(void *userdata, rpc_call *call, const ProtobufCMes
   if (n) {
     reply->images = xcalloc(n, sizeof(*reply->images));
     for (size_t i = 0; i < n; i++)
-      reply->images[i] = to_cri_image(list[i]);
+      reply->images[i] = to_cri_image(svc, list[i]);
     reply->n_images = n;
   }
   store_image_list_free(list, n);
@@ -479,7 +511,7 @@ static int handle_stream_images(void *userdata, rpc_call *call, const ProtobufCM
     runtime__v1__stream_images_response__init(msg);
     msg->images = xcalloc(k, sizeof(*msg->images));
     for (size_t i = 0; i < k; i++)
-      msg->images[i] = to_cri_image(list[off + i]);
+      msg->images[i] = to_cri_image(svc, list[off + i]);
     msg->n_images = k;
     r = rpc_call_send(call, &msg->base, err);
     protobuf_c_message_free_unpacked(&msg->base, NULL);

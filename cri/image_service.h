@@ -35,6 +35,8 @@ typedef struct image_service_options {
   const handler_config *handlers;   /* declared handlers */
   size_t n_handlers;
   bool reject_unknown_handlers;     /* an undeclared handler is INVALID_ARGUMENT (else a plain key) */
+  char *const *pinned_images;       /* NULL-terminated references whose images report Image.pinned (kubelet's image
+                                       GC leaves them alone), e.g. the pause image; may be NULL */
   scheduler *scheduler;             /* when pulls may run (required) */
   backoff *backoff;                 /* failed pulls wait before the next try; NULL = no back-off */
   progress_tracker *progress;       /* told about every pull; NULL = none */

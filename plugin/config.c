@@ -56,6 +56,7 @@ void config_clear(crimaged_config *cfg)
   }
   free(cfg->handlers);
   strv_free(cfg->docker_config_paths);
+  strv_free(cfg->pinned_images);
   free(cfg->credential_provider_config);
   free(cfg->credential_provider_bin_dir);
   free(cfg->pull_secrets_dir);
@@ -318,6 +319,8 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = load_backoff(cfg, v, err);
     else if (streq(key, "runtimeHandlers"))
       r = load_handlers(cfg, v, err);
+    else if (streq(key, "pinnedImages"))
+      r = get_strv(v, key, &cfg->pinned_images, err);
     else if (streq(key, "rejectUnknownRuntimeHandlers"))
       r = get_bool(v, key, &cfg->reject_unknown_runtime_handlers, err);
     else if (streq(key, "dockerConfigPaths"))

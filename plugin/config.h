@@ -33,6 +33,7 @@ typedef struct crimaged_config {
   handler_config *handlers;
   size_t n_handlers;
   bool reject_unknown_runtime_handlers;
+  char **pinned_images; /* NULL-terminated */
   char **docker_config_paths; /* NULL-terminated; NULL = kubelet's search order */
   char *credential_provider_config;
   char *credential_provider_bin_dir;

@@ -302,6 +302,7 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       .handlers = d->cfg.handlers,
       .n_handlers = d->cfg.n_handlers,
       .reject_unknown_handlers = d->cfg.reject_unknown_runtime_handlers,
+      .pinned_images = d->cfg.pinned_images,
       .scheduler = d->scheduler,
       .backoff = d->backoff,
       .progress = d->progress,

@@ -71,3 +71,10 @@ def test_missing_config_file(tmp_path):
                        timeout=READY_TIMEOUT)
     assert r.returncode != 0
     assert "absent.yaml" in r.stderr
+
+
+def test_invalid_pinned_image_named(tmp_path, short_dir):
+    cfg = {"root": str(tmp_path / "root"), "socket": os.path.join(short_dir, "s.sock"),
+           "pinnedImages": ["Not//A Reference"]}
+    err = run_daemon_expecting_failure(tmp_path, json.dumps(cfg))
+    assert "pinned image" in err and "Not//A Reference" in err

@@ -391,3 +391,16 @@ def test_insecure_registry_flag(daemon_factory, images, registry):
     d = daemon_factory({"registries": None}, args=["--insecure-registry", registry.host])
     p = images["shared"]
     assert d.client.pull(p.ref()) == p.id_for()
+
+
+def test_pinned_images(daemon_factory, images):
+    """Images named in pinnedImages (by tag or by digest) report pinned, so kubelet's image GC leaves them alone."""
+    pinned, other = images["user1002"], images["shared"]
+    d = daemon_factory({"pinnedImages": [pinned.ref()]})
+    c = d.client
+    c.pull(pinned.ref())
+    c.pull(other.ref())
+    assert c.image(pinned.ref()).pinned
+    assert not c.image(other.ref()).pinned
+    listed = {i.id: i.pinned for i in c.list(image="")}
+    assert listed == {pinned.id_for(): True, other.id_for(): False}
