@@ -416,7 +416,8 @@ int main(int argc, char **argv)
     daemon_stop(&d);
     return 1;
   }
-  log_info("crimaged %s serving the CRI ImageService on %s (store %s)", CRIMAGE_VERSION, d.cfg.socket, d.cfg.root);
+  log_info("crimaged %s serving the CRI ImageService on %s (store %s)", CRIMAGE_VERSION,
+           d.socket_is_ours ? d.cfg.socket : "the socket passed by systemd", d.cfg.root);
 #if HAVE_SYSTEMD
   sd_notify(0, "READY=1\nSTATUS=serving");
 #endif
