@@ -45,7 +45,9 @@ struct registry_client {
     char key[DIGEST_MAX_LEN + 1]; /* "" = free slot */
     char *token;                  /* secret */
     int64_t expiry_ms;            /* monotonic: the token is not used from then on */
+    uint64_t seq;                 /* when it was stored: a full cache drops the oldest */
   } tokens[REGISTRY_TOKEN_CACHE_SIZE];
+  uint64_t token_seq;
 };
 
 typedef enum auth_kind {
@@ -888,15 +890,18 @@ static void token_cache_put(registry_client *c, const char *key, const char *tok
     if (!c->tokens[i].token || c->tokens[i].expiry_ms <= now)
       slot = &c->tokens[i];
   if (!slot) {
+    /* The oldest, not the one nearest its expiry: expiries computed from a registry's second-granular issued_at
+     * tie or jitter by milliseconds, which would make the choice arbitrary. */
     slot = &c->tokens[0];
     for (size_t i = 1; i < ARRAY_SIZE(c->tokens); i++)
-      if (c->tokens[i].expiry_ms < slot->expiry_ms)
+      if (c->tokens[i].seq < slot->seq)
         slot = &c->tokens[i];
   }
   secret_free(slot->token);
   snprintf(slot->key, sizeof(slot->key), "%s", key);
   slot->token = xstrdup(token);
   slot->expiry_ms = expiry_ms;
+  slot->seq = ++c->token_seq;
   pthread_mutex_unlock(&c->token_lock);
 }
 
