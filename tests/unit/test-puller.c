@@ -315,8 +315,8 @@ static void test_pull_errors(void **state)
   puller_free(p);
 }
 
-/* Fetches a layer's bytes directly, to prepare partial ingests. */
-static void fetch_layer(fixture *f, const char *name, size_t idx, char **ret_digest, dynbuf *out)
+/* The parsed manifest of name:v1, straight from the registry. */
+static manifest *fetch_manifest(fixture *f, const char *name)
 {
   registry_client *c = NULL;
   registry_repo *r = NULL;
@@ -330,14 +330,21 @@ static void fetch_layer(fixture *f, const char *name, size_t idx, char **ret_dig
   assert_int_equal(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err), 0);
   manifest *m = NULL;
   assert_int_equal(manifest_parse(body, len, ct, &m, &err), 0);
-  assert_true(idx < m->n_layers);
-  *ret_digest = xstrdup(m->layers[idx].digest);
-  dynbuf_init(out, 16u << 20);
-  manifest_free(m);
   free(body);
   free(ct);
   registry_repo_free(r);
   registry_client_free(c);
+  return m;
+}
+
+/* A layer's digest, and an empty buffer for its bytes, to prepare partial ingests. */
+static void fetch_layer(fixture *f, const char *name, size_t idx, char **ret_digest, dynbuf *out)
+{
+  manifest *m = fetch_manifest(f, name);
+  assert_true(idx < m->n_layers);
+  *ret_digest = xstrdup(m->layers[idx].digest);
+  dynbuf_init(out, 16u << 20);
+  manifest_free(m);
 }
 
 static int dyn_write(void *ud, const void *data, size_t n, crimage_error **err)
@@ -398,24 +405,9 @@ static void test_pull_resume(void **state)
 /* The config digest of name:v1. */
 static char *config_digest_of(fixture *f, const char *name)
 {
-  registry_client *c = NULL;
-  registry_repo *r = NULL;
-  crimage_error *err = NULL;
-  char ep[128];
-  snprintf(ep, sizeof(ep), "http://%s", f->reg.host);
-  assert_int_equal(registry_client_new(NULL, &c, &err), 0);
-  assert_int_equal(registry_repo_new(c, ep, false, f->reg.host, name, NULL, &r, &err), 0);
-  char *body = NULL, *ct = NULL;
-  size_t len = 0;
-  assert_int_equal(registry_get_manifest(r, "v1", MANIFEST_MAX_SIZE, NULL, &body, &len, &ct, &err), 0);
-  manifest *m = NULL;
-  assert_int_equal(manifest_parse(body, len, ct, &m, &err), 0);
+  manifest *m = fetch_manifest(f, name);
   char *d = xstrdup(m->config.digest);
   manifest_free(m);
-  free(body);
-  free(ct);
-  registry_repo_free(r);
-  registry_client_free(c);
   return d;
 }
 
