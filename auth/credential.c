@@ -59,12 +59,19 @@ int credential_is_empty(const credential *c)
          str_empty(c->registry_token);
 }
 
+const char *credential_secret_kind(const credential *c)
+{
+  return !str_empty(c->registry_token)   ? "registry token"
+         : !str_empty(c->identity_token) ? "identity token"
+         : !str_empty(c->password)       ? "password"
+                                         : NULL;
+}
+
 char *credential_describe(const credential *c)
 {
-  const char *kind = !str_empty(c->registry_token)   ? "registry token"
-                     : !str_empty(c->identity_token) ? "identity token"
-                     : !str_empty(c->password)       ? "password"
-                                                     : "no secret";
+  const char *kind = credential_secret_kind(c);
+  if (!kind)
+    kind = "no secret";
   const char *from = c->source ? c->source : "unknown source";
   if (!str_empty(c->username))
     return xasprintf("user %s (%s) from %s", c->username, kind, from);

@@ -31,6 +31,8 @@ int credential_is_empty(const credential *c);
 /* A one-line description without any secret, for `crimage auth` and logs: "user alice (password) from secret
  * ns/regcred", "identity token from credential helper docker-credential-pass". */
 char *credential_describe(const credential *c);
+/* What kind of secret c carries: "registry token", "identity token", "password", or NULL for none. */
+const char *credential_secret_kind(const credential *c);
 /* True when both carry the same username, password and tokens (source and server_address are not compared). */
 bool credential_same_secret(const credential *a, const credential *b);
 

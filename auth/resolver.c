@@ -20,7 +20,6 @@ struct auth_resolver {
 
   /* The node keyring and the state of the search paths it was loaded from. */
   keyring *node;
-  char *node_path;
   char *node_signature;
 };
 
@@ -47,13 +46,11 @@ static void node_refresh(auth_resolver *r)
   if (r->node && streq(sig, r->node_signature))
     return;
   keyring *k = NULL;
-  char *path = NULL;
+  cleanup_free char *path = NULL;
   keyring_load_node(r->config_paths, &k, &path);
   keyring_unref(r->node);
-  free(r->node_path);
   free(r->node_signature);
   r->node = k;
-  r->node_path = path;
   r->node_signature = TAKE_PTR(sig);
   if (path)
     log_info("node credentials: %s (%zu entries)", path, keyring_size(k));
@@ -87,19 +84,17 @@ void auth_resolver_free(auth_resolver *r)
   provider_set_free(r->providers);
   free(r->helper_dir);
   keyring_unref(r->node);
-  free(r->node_path);
   free(r->node_signature);
   pthread_mutex_destroy(&r->lock);
   free(r);
 }
 
-keyring *auth_resolver_node_keyring(auth_resolver *r, char **ret_path)
+/* The node keyring currently in use, as a new reference. */
+static keyring *node_keyring(auth_resolver *r)
 {
   pthread_mutex_lock(&r->lock);
   node_refresh(r);
   keyring *k = keyring_ref(r->node);
-  if (ret_path)
-    *ret_path = r->node_path ? xstrdup(r->node_path) : NULL;
   pthread_mutex_unlock(&r->lock);
   return k;
 }
@@ -145,9 +140,7 @@ int auth_resolve(auth_resolver *r, const char *image_name_normalized, const char
   }
 
   /* 2. The node keyring and the providers' answers, one keyring. */
-  char *node_path_unused = NULL;
-  cleanup_keyring keyring *node = auth_resolver_node_keyring(r, &node_path_unused);
-  free(node_path_unused);
+  cleanup_keyring keyring *node = node_keyring(r);
   {
     cleanup_keyring keyring *merged = keyring_new();
     keyring_add_keyring(merged, node);

@@ -39,7 +39,4 @@ static inline void auth_resolver_freep(auth_resolver **r) { auth_resolver_free(*
 int auth_resolve(auth_resolver *r, const char *image_name_normalized, const char *registry_host, keyring **secrets,
                  size_t n_secrets, credential_list *ret, crimage_error **err);
 
-/* The node keyring currently in use (a new reference) and the file it came from (may be NULL). */
-keyring *auth_resolver_node_keyring(auth_resolver *r, char **ret_path);
-
 #endif

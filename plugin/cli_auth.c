@@ -153,10 +153,8 @@ enum {
 
 static const char *secret_kind(const credential *c)
 {
-  return !str_empty(c->registry_token)   ? "registry token"
-         : !str_empty(c->identity_token) ? "identity token"
-         : !str_empty(c->password)       ? "password"
-                                         : "none";
+  const char *kind = credential_secret_kind(c);
+  return kind ? kind : "none";
 }
 
 static int auth_usage_error(const char *fmt, const char *arg)
