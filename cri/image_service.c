@@ -632,6 +632,18 @@ static credential *credential_from_auth(const Runtime__V1__AuthConfig *a, crimag
   return c;
 }
 
+/* The unpacked request is freed by the server after the handler returns; the secrets in it are wiped first. */
+static void auth_config_wipe(const Runtime__V1__AuthConfig **ap)
+{
+  const Runtime__V1__AuthConfig *a = *ap;
+  if (!a)
+    return;
+  char *fields[] = {a->username, a->password, a->auth, a->identity_token, a->registry_token};
+  for (size_t i = 0; i < ARRAY_SIZE(fields); i++)
+    if (fields[i])
+      explicit_bzero(fields[i], strlen(fields[i]));
+}
+
 /* One pull as the scheduler runs it. */
 typedef struct pull_job {
   image_service *svc;
@@ -770,6 +782,7 @@ static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMess
 {
   image_service *svc = userdata;
   const Runtime__V1__PullImageRequest *req = (const Runtime__V1__PullImageRequest *) request;
+  _cleanup_(auth_config_wipe) const Runtime__V1__AuthConfig *auth = req->auth;
   const char *handler = NULL;
   int r = require_image(req->image, err);
   if (r < 0)
@@ -782,7 +795,7 @@ static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMess
   if (r < 0)
     return r;
   crimage_error *auth_err = NULL;
-  cleanup_credential credential *cred = credential_from_auth(req->auth, &auth_err);
+  cleanup_credential credential *cred = credential_from_auth(auth, &auth_err);
   if (auth_err) {
     *err = auth_err;
     return -EINVAL;

@@ -266,6 +266,8 @@ static ProtobufCMessage *receive_request(rpc_call *c, grpc_status_code *ret_stat
     grpc_byte_buffer_reader_destroy(&reader);
     msg = protobuf_c_message_unpack(c->method_desc->input, NULL, GRPC_SLICE_LENGTH(slice),
                                     GRPC_SLICE_START_PTR(slice));
+    /* The copy is ours and a PullImage request can carry a password: wipe it before it goes back to the heap. */
+    explicit_bzero(GRPC_SLICE_START_PTR(slice), GRPC_SLICE_LENGTH(slice));
     grpc_slice_unref(slice);
   }
   grpc_byte_buffer_destroy(bb);
@@ -440,10 +442,11 @@ static void start_call(rpc_server *s, pending_call *p)
     s->queue_head = c;
   s->queue_tail = c;
   s->queued++;
-  bool need_worker = s->idle_workers < s->queued;
+  /* Bounded: beyond RPC_MAX_WORKERS, calls wait in the queue for a worker to come free. */
+  bool need_worker = s->idle_workers < s->queued && s->workers < RPC_MAX_WORKERS;
   if (need_worker)
     s->workers++;
-  else
+  else if (s->idle_workers > 0)
     pthread_cond_signal(&s->work);
   pthread_mutex_unlock(&s->lock);
   if (!need_worker)

@@ -12,6 +12,9 @@
 #include "common/error.h"
 
 #define RPC_MAX_MESSAGE_SIZE (16 * 1024 * 1024) /* kubelet's cap on CRI messages */
+/* Threads serving calls at most. Pulls waiting in the pull queue (at most 1,024) each hold one, so the cap sits above
+ * that: a full pull queue answers RESOURCE_EXHAUSTED and still leaves workers for ImageStatus. */
+#define RPC_MAX_WORKERS 1280
 
 typedef struct rpc_server rpc_server;
 typedef struct rpc_call rpc_call;

@@ -374,6 +374,14 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
         return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                                  "registries.%s.mirrors: endpoint \"%s\" must start with https:// or http://",
                                  cfg->registries[i].host, e);
+      /* user:password@ would reach log lines and pull errors with the URL (and the certs.d directory name);
+       * the message does not repeat the endpoint for the same reason. */
+      const char *authority = strstr(e, "://") + 3;
+      if (memchr(authority, '@', strcspn(authority, "/")))
+        return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                                 "registries.%s.mirrors[%zu]: endpoint must not hold credentials (user@); give them "
+                                 "with the pull request or a credential provider",
+                                 cfg->registries[i].host, j);
     }
   return 0;
 }

@@ -181,8 +181,6 @@ static int lock_dir(const char *root, int *ret_fd, crimage_error **err)
   return 0;
 }
 
-static int lock_root(daemon_ctx *d, crimage_error **err) { return lock_dir(d->cfg.root, &d->lock_fd, err); }
-
 /* Opens the stores of handlers with a root of their own, each with a puller. */
 static int open_handler_stores(daemon_ctx *d, const puller_options *po, crimage_error **err)
 {
@@ -249,7 +247,7 @@ static int open_listener(daemon_ctx *d, int *ret_fd, crimage_error **err)
 
 static int daemon_start(daemon_ctx *d, crimage_error **err)
 {
-  int r = lock_root(d, err);
+  int r = lock_dir(d->cfg.root, &d->lock_fd, err);
   if (r < 0)
     return r;
   r = store_open(d->cfg.root, &d->store, err);

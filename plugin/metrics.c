@@ -13,6 +13,8 @@
 /* Requests with a body or a long URL are not scrapes: refuse them early. */
 #define METRICS_MAX_CONNECTIONS 16
 #define METRICS_TIMEOUT_S 10
+/* Per-connection buffer for the request line and headers; longer requests get 414/431 from libmicrohttpd. */
+#define METRICS_MAX_REQUEST_BYTES (16 * 1024)
 
 struct metrics_server {
   struct MHD_Daemon *mhd;
@@ -192,7 +194,8 @@ int metrics_server_start(const char *address, const metrics_sources *src, metric
                                                  : ((struct sockaddr_in *) &sa)->sin_port);
   m->mhd = MHD_start_daemon(flags, port, NULL, NULL, answer, m, MHD_OPTION_SOCK_ADDR, (struct sockaddr *) &sa,
                             MHD_OPTION_CONNECTION_LIMIT, (unsigned) METRICS_MAX_CONNECTIONS,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned) METRICS_TIMEOUT_S, MHD_OPTION_END);
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned) METRICS_TIMEOUT_S,
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t) METRICS_MAX_REQUEST_BYTES, MHD_OPTION_END);
   if (!m->mhd) {
     free(m);
     return crimage_error_set(err, CRIMAGE_UNAVAILABLE, errno, "cannot listen for metrics on %s", address);

@@ -87,21 +87,6 @@ void progress_tracker_free(progress_tracker *t)
   free(t);
 }
 
-const char *progress_state_name(progress_state s)
-{
-  switch (s) {
-  case PROGRESS_QUEUED:
-    return "queued";
-  case PROGRESS_RUNNING:
-    return "running";
-  case PROGRESS_SUCCEEDED:
-    return "succeeded";
-  case PROGRESS_FAILED:
-    return "failed";
-  }
-  return "unknown";
-}
-
 static entry *find_id(progress_tracker *t, uint64_t id)
 {
   if (id == 0)

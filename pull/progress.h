@@ -105,6 +105,5 @@ void progress_get_counters(progress_tracker *t, progress_counters *ret);
 
 void progress_pull_clear(progress_pull *p);
 void progress_pull_list_free(progress_pull *list, size_t n);
-const char *progress_state_name(progress_state s);
 
 #endif
