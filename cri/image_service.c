@@ -30,6 +30,8 @@ struct image_service {
   pull_credentials *credentials;
   handler_store *handler_stores; /* handler names owned */
   size_t n_handler_stores;
+  publisher *publisher;
+  char *containerd_namespace;
   pthread_mutex_t waiters_lock;
   struct pull_waiters *waiters;
 };
@@ -139,6 +141,8 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
     svc->handler_stores[i].handler = xstrdup(opts->handler_stores[i].handler);
   }
   svc->n_handler_stores = opts->n_handler_stores;
+  svc->publisher = opts->publisher;
+  svc->containerd_namespace = xstrdup(opts->containerd_namespace ? opts->containerd_namespace : "k8s.io");
   pthread_mutex_init(&svc->waiters_lock, NULL);
   svc->credentials = opts->credentials;
   svc->handlers = xcalloc(opts->n_handlers, sizeof(handler_config));
@@ -146,6 +150,8 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
     svc->handlers[i] = opts->handlers[i];
     svc->handlers[i].name = xstrdup(opts->handlers[i].name);
     svc->handlers[i].root = opts->handlers[i].root ? xstrdup(opts->handlers[i].root) : NULL;
+    svc->handlers[i].containerd_namespace =
+        opts->handlers[i].containerd_namespace ? xstrdup(opts->handlers[i].containerd_namespace) : NULL;
   }
   svc->n_handlers = opts->n_handlers;
   platform_host(&svc->host_platform);
@@ -160,6 +166,7 @@ void image_service_free(image_service *svc)
   for (size_t i = 0; i < svc->n_handlers; i++) {
     free(svc->handlers[i].name);
     free(svc->handlers[i].root);
+    free(svc->handlers[i].containerd_namespace);
   }
   for (size_t i = 0; i < svc->n_handler_stores; i++)
     free((char *) svc->handler_stores[i].handler);
@@ -167,6 +174,7 @@ void image_service_free(image_service *svc)
   pthread_mutex_destroy(&svc->waiters_lock);
   free(svc->handlers);
   free(svc->default_registry);
+  free(svc->containerd_namespace);
   strv_free(svc->pinned);
   free(svc);
 }
@@ -198,6 +206,13 @@ static const handler_config *find_handler(const image_service *svc, const char *
     if (streq(svc->handlers[i].name, name))
       return &svc->handlers[i];
   return NULL;
+}
+
+/* The containerd namespace a handler's images go to. */
+static const char *namespace_for(const image_service *svc, const char *handler)
+{
+  const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
+  return hc && hc->containerd_namespace ? hc->containerd_namespace : svc->containerd_namespace;
 }
 
 /* The runtime handler of a request: ImageSpec.runtime_handler, else the deprecated pod annotation. */
@@ -533,6 +548,12 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
   if (r < 0)
     return r;
   if (img) {
+    /* containerd first: should it be unreachable, the image stays in both and kubelet's next try removes it. */
+    if (svc->publisher) {
+      r = publisher_unpublish(svc->publisher, img, namespace_for(svc, handler), err);
+      if (r < 0)
+        return crimage_error_wrap(err, "removing %s", req->image->image);
+    }
     r = store_remove_image(store_for(svc, handler), handler, img->id, err);
     if (r < 0)
       return r;
@@ -777,6 +798,20 @@ static int run_pull_attempt(void *userdata, const credential *cred, void **ret_r
   return 0;
 }
 
+/* Hands the image a pull recorded to containerd. */
+static int publish_pulled(image_service *svc, const char *handler, const char *id, crimage_error **err)
+{
+  store *st = store_for(svc, handler);
+  cleanup_store_image store_image *img = NULL;
+  int r = store_find_image(st, handler, id, &img, err);
+  if (r < 0)
+    return r;
+  if (r == 0) /* removed meanwhile by a concurrent RemoveImage: nothing to hand over */
+    return crimage_error_set(err, CRIMAGE_ABORTED, 0, "image %s was removed while it was being pulled", id);
+  r = publisher_publish(svc->publisher, st, img, namespace_for(svc, handler), err);
+  return r < 0 ? r : 0;
+}
+
 static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMessage *request,
                              ProtobufCMessage **ret_reply, crimage_error **err)
 {
@@ -840,6 +875,16 @@ static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMess
     backoff_success(svc->backoff, key);
   log_info("pulled %s for handler \"%s\": %s%s in %lld ms", refstr, handler, res->image_id,
            res->unchanged ? " (unchanged)" : "", (long long) (now_monotonic_ms() - start));
+  /* Before the reply: kubelet's CreateContainer follows at once and containerd must know the image by then. A
+   * failure here says nothing about the registry, so it is no reason for back-off. */
+  if (svc->publisher) {
+    r = publish_pulled(svc, handler, res->image_id, err);
+    if (r < 0) {
+      crimage_error_wrap(err, "pulled %s but could not hand it to the runtime", refstr);
+      free_pull_result(res);
+      return r;
+    }
+  }
 
   Runtime__V1__PullImageResponse *reply = xmalloc(sizeof(*reply));
   runtime__v1__pull_image_response__init(reply);
@@ -857,6 +902,57 @@ static const rpc_method image_methods[] = {
     {.name = "ImageFsInfo", .unary = handle_image_fs_info},
     {.name = "StreamImages", .stream = handle_stream_images},
 };
+
+/* The distinct stores, the main one first. */
+static size_t distinct_stores(const image_service *svc, store **out)
+{
+  size_t n = 0;
+  out[n++] = svc->store;
+  for (size_t i = 0; i < svc->n_handler_stores; i++) {
+    bool seen = false;
+    for (size_t j = 0; j < n && !seen; j++)
+      seen = out[j] == svc->handler_stores[i].store;
+    if (!seen)
+      out[n++] = svc->handler_stores[i].store;
+  }
+  return n;
+}
+
+void image_service_reconcile(void *userdata)
+{
+  image_service *svc = userdata;
+  int64_t start = now_monotonic_ms();
+  size_t total = 0, published = 0, failed = 0;
+  store *stores[svc->n_handler_stores + 1];
+  size_t n_stores = distinct_stores(svc, stores);
+  for (size_t s = 0; s < n_stores && !publisher_stopping(svc->publisher); s++) {
+    store_image **list = NULL;
+    size_t n = 0;
+    cleanup_error crimage_error *err = NULL;
+    if (store_list_images(stores[s], NULL, &list, &n, &err) < 0) {
+      log_error("containerd reconcile: %s", err->message);
+      continue;
+    }
+    for (size_t i = 0; i < n && !publisher_stopping(svc->publisher); i++) {
+      /* A handler's images live in its own store; a record of another handler in this store is not its. */
+      if (store_for(svc, list[i]->handler) != stores[s])
+        continue;
+      total++;
+      crimage_error *e = NULL;
+      int r = publisher_publish(svc->publisher, stores[s], list[i], namespace_for(svc, list[i]->handler), &e);
+      if (r < 0) {
+        failed++;
+        log_warn("containerd reconcile: %s", e->message);
+        crimage_error_clear(&e);
+      } else {
+        published += (size_t) r;
+      }
+    }
+    store_image_list_free(list, n);
+  }
+  log_info("containerd reconcile: %zu of %zu images published again, %zu failed, in %lld ms", published, total,
+           failed, (long long) (now_monotonic_ms() - start));
+}
 
 int image_service_register(image_service *svc, rpc_server *server, crimage_error **err)
 {

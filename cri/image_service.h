@@ -6,6 +6,7 @@
 #include <stdbool.h>
 
 #include "common/error.h"
+#include "cri/containerd/publish.h"
 #include "cri/pull_credentials.h"
 #include "cri/server.h"
 #include "pull/backoff.h"
@@ -21,6 +22,7 @@ typedef struct handler_config {
   bool has_platform;
   platform platform; /* the platform this handler pulls from an index */
   char *root;        /* a store of its own; NULL = the main store */
+  char *containerd_namespace; /* where its images go in containerd; NULL = the default namespace */
 } handler_config;
 
 /* A runtime handler with a store (and so a puller) of its own: runtimeHandlers.<name>.root. */
@@ -43,6 +45,8 @@ typedef struct image_service_options {
   pull_credentials *credentials;    /* for pulls without AuthConfig; NULL = anonymous */
   const handler_store *handler_stores; /* handlers that do not use the main store */
   size_t n_handler_stores;
+  publisher *publisher;             /* hands every pulled image to containerd; NULL = none */
+  const char *containerd_namespace; /* of handlers without one of their own; NULL = k8s.io */
 } image_service_options;
 
 typedef struct image_service image_service;
@@ -51,5 +55,7 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
                       crimage_error **err);
 void image_service_free(image_service *svc);
 int image_service_register(image_service *svc, rpc_server *server, crimage_error **err);
+/* Publishes every image of every store that containerd lacks (a publisher_ready_fn: containerd came up). */
+void image_service_reconcile(void *svc);
 
 #endif

@@ -30,6 +30,8 @@ void config_init(crimaged_config *cfg)
       .metrics_address = xstrdup(""),
       .kubelet_root_dir = xstrdup("/var/lib/kubelet"),
       .credential_provider_timeout_ms = 60 * 1000,
+      .containerd_address = xstrdup(""),
+      .containerd_namespace = xstrdup("k8s.io"),
   };
 }
 
@@ -53,6 +55,7 @@ void config_clear(crimaged_config *cfg)
   for (size_t i = 0; i < cfg->n_handlers; i++) {
     free(cfg->handlers[i].name);
     free(cfg->handlers[i].root);
+    free(cfg->handlers[i].containerd_namespace);
   }
   free(cfg->handlers);
   strv_free(cfg->docker_config_paths);
@@ -62,6 +65,8 @@ void config_clear(crimaged_config *cfg)
   free(cfg->pull_secrets_dir);
   free(cfg->kubelet_root_dir);
   free(cfg->metrics_address);
+  free(cfg->containerd_address);
+  free(cfg->containerd_namespace);
   *cfg = (crimaged_config){0};
 }
 
@@ -235,6 +240,11 @@ static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **e
         if (h->root[0] != '/')
           return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                                    "config key runtimeHandlers.%s.root: must be an absolute path", name);
+      } else if (streq(k, "containerdNamespace")) {
+        cleanup_free char *path = xasprintf("runtimeHandlers.%s.containerdNamespace", name);
+        int r = get_string(val, path, &h->containerd_namespace, err);
+        if (r < 0)
+          return r;
       } else {
         return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key runtimeHandlers.%s.%s", name,
                                  k);
@@ -259,6 +269,27 @@ static int load_backoff(crimaged_config *cfg, json_object *v, crimage_error **er
       r = get_bool(val, "pullBackoff.enabled", &cfg->pull_backoff_enabled, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key pullBackoff.%s", k);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+static int load_containerd(crimaged_config *cfg, json_object *v, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_object))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key containerd: expected a map");
+  json_object_object_foreach(v, k, val)
+  {
+    int r;
+    if (!val)
+      continue;
+    if (streq(k, "address"))
+      r = get_string(val, "containerd.address", &cfg->containerd_address, err);
+    else if (streq(k, "namespace"))
+      r = get_string(val, "containerd.namespace", &cfg->containerd_namespace, err);
+    else
+      r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key containerd.%s", k);
     if (r < 0)
       return r;
   }
@@ -339,12 +370,32 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = get_duration(v, key, &cfg->shutdown_grace_period_ms, err);
     else if (streq(key, "metricsAddress"))
       r = get_string(v, key, &cfg->metrics_address, err);
+    else if (streq(key, "containerd"))
+      r = load_containerd(cfg, v, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
     if (r < 0)
       return crimage_error_wrap(err, "%s", path);
   }
   return 0;
+}
+
+/* containerd's rule for identifiers (pkg/identifiers): runs of [A-Za-z0-9] joined by single '.', '_' or '-', at
+ * most 76 characters. */
+static bool namespace_valid(const char *ns)
+{
+  size_t len = ns ? strlen(ns) : 0;
+  if (len == 0 || len > 76)
+    return false;
+  bool after_separator = true; /* the name starts as if after one: no separator first */
+  for (size_t i = 0; i < len; i++) {
+    char ch = ns[i];
+    bool alnum = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+    if (!alnum && (after_separator || (ch != '.' && ch != '_' && ch != '-')))
+      return false;
+    after_separator = !alnum;
+  }
+  return !after_separator;
 }
 
 int config_validate(const crimaged_config *cfg, crimage_error **err)
@@ -367,6 +418,15 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "pullMinThroughputWindow must be at least 1s");
   if (cfg->pull_progress_timeout_ms < 1000)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "pullProgressTimeout must be at least 1s");
+  /* containerd names namespaces like DNS labels (its namespaces.Validate); a wrong one would fail every publish. */
+  if (!namespace_valid(cfg->containerd_namespace))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                             "containerd.namespace \"%s\" is not a valid containerd namespace", cfg->containerd_namespace);
+  for (size_t i = 0; i < cfg->n_handlers; i++)
+    if (cfg->handlers[i].containerd_namespace && !namespace_valid(cfg->handlers[i].containerd_namespace))
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                               "runtimeHandlers.%s.containerdNamespace \"%s\" is not a valid containerd namespace",
+                               cfg->handlers[i].name, cfg->handlers[i].containerd_namespace);
   for (size_t i = 0; i < cfg->n_registries; i++)
     for (size_t j = 0; j < cfg->registries[i].n_mirrors; j++) {
       const char *e = cfg->registries[i].mirrors[j].endpoint;

@@ -34,6 +34,7 @@ typedef struct daemon_ctx {
   progress_tracker *progress; /* running pulls and the counters behind the metrics */
   pull_credentials *credentials; /* for pulls that carry none */
   image_service *images;
+  publisher *publisher; /* containerd.address set: images handed to containerd */
   progress_service *progress_svc;
   metrics_server *metrics;
   /* Stores of their own (runtimeHandlers.<name>.root): one entry per handler; a root shared by several handlers
@@ -295,6 +296,12 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   if (r < 0)
     return r;
 
+  if (!str_empty(d->cfg.containerd_address)) {
+    publisher_options pub = {.address = d->cfg.containerd_address};
+    r = publisher_new(&pub, &d->publisher, err);
+    if (r < 0)
+      return r;
+  }
   image_service_options io = {
       .default_registry = d->cfg.default_registry,
       .handlers = d->cfg.handlers,
@@ -307,6 +314,8 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       .credentials = d->credentials,
       .handler_stores = d->handler_stores,
       .n_handler_stores = d->n_handler_stores,
+      .publisher = d->publisher,
+      .containerd_namespace = d->cfg.containerd_namespace,
   };
   r = image_service_new(d->store, d->puller, &io, &d->images, err);
   if (r < 0)
@@ -337,7 +346,13 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   r = open_listener(d, &fd, err);
   if (r < 0)
     return r;
-  return rpc_server_start(d->server, fd, err);
+  r = rpc_server_start(d->server, fd, err);
+  if (r < 0)
+    return r;
+  /* Once containerd answers (now or later), it gets every image it lacks; serving does not wait for that. */
+  if (d->publisher)
+    return publisher_watch(d->publisher, image_service_reconcile, d->images, err);
+  return 0;
 }
 
 static void daemon_stop(daemon_ctx *d)
@@ -353,6 +368,8 @@ static void daemon_stop(daemon_ctx *d)
     unlink(d->cfg.socket);
   metrics_server_stop(d->metrics);
   progress_service_free(d->progress_svc);
+  /* The watcher works on the image service: it goes first. */
+  publisher_free(d->publisher);
   image_service_free(d->images);
   pull_credentials_free(d->credentials);
   scheduler_free(d->scheduler);

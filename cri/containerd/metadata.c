@@ -1,0 +1,12 @@
+/* The gRPC metadata containerd reads the namespace and the lease of a call from (containerd's namespaces and
+ * leases packages name the headers). */
+#include "cri/containerd/containerd.h"
+
+size_t ctrd_metadata(const ctrd_ctx *c, rpc_metadata md[2])
+{
+  size_t n = 0;
+  md[n++] = (rpc_metadata){"containerd-namespace", c->ns};
+  if (c->lease)
+    md[n++] = (rpc_metadata){"containerd-lease", c->lease};
+  return n;
+}
