@@ -154,6 +154,7 @@ static ProtobufCMessage *unpack_message(grpc_byte_buffer *buf, const ProtobufCMe
 struct rpc_stream {
   rpc_client *client;
   char *path;
+  const char *method; /* the last part of path: what messages name */
   grpc_completion_queue *cq;
   grpc_call *call;
   grpc_metadata md[RPC_CLIENT_MAX_METADATA];
@@ -174,6 +175,8 @@ static int call_begin(rpc_client *c, const char *path, const rpc_metadata *md, s
   rpc_stream *s = xcalloc(1, sizeof(*s));
   s->client = c;
   s->path = xstrdup(path);
+  const char *slash = strrchr(s->path, '/');
+  s->method = slash ? slash + 1 : s->path;
   s->cq = grpc_completion_queue_create_for_pluck(NULL);
   grpc_slice method = grpc_slice_from_copied_string(path);
   s->call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, s->cq, method, NULL,
@@ -234,7 +237,7 @@ static int status_result(rpc_stream *s, crimage_error **err)
   cleanup_free char *msg = slice_to_printable(s->details);
   int code = (int) s->status;
   crimage_status st = (code > 0 && code <= (int) CRIMAGE_UNAUTHENTICATED) ? (crimage_status) code : CRIMAGE_UNKNOWN;
-  return crimage_error_set(err, st, 0, "%s: %s", s->path, str_empty(msg) ? crimage_status_name(st) : msg);
+  return crimage_error_set(err, st, 0, "%s: %s", s->method, str_empty(msg) ? crimage_status_name(st) : msg);
 }
 
 /* Half-closes if needed, reads what the server still sends (the status is only delivered once every message was
@@ -269,7 +272,7 @@ static int call_status(rpc_stream *s, crimage_error **err)
       grpc_call_cancel(s->call, NULL);
     op_status(s, &op);
     if (!run_batch(s, &op, 1))
-      return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the call failed", s->path);
+      return crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the call failed", s->method);
     s->finished = true;
   }
   return status_result(s, err);
@@ -333,15 +336,15 @@ int rpc_client_unary(rpc_client *c, const char *path, const rpc_metadata *md, si
   if (ok)
     s->finished = true;
   if (!ok)
-    r = crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the call failed", path);
+    r = crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the call failed", s->method);
   else
     r = status_result(s, err);
   if (r == 0 && !recv_buf)
-    r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: the server sent no reply", path);
+    r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: the server sent no reply", s->method);
   if (r == 0) {
     ProtobufCMessage *reply = unpack_message(recv_buf, reply_desc);
     if (!reply)
-      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed reply", path);
+      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed reply", s->method);
     else
       *ret_reply = reply;
   }
@@ -361,7 +364,7 @@ int rpc_stream_open(rpc_client *c, const char *path, const rpc_metadata *md, siz
   op_send_initial_metadata(s, &op);
   if (!run_batch(s, &op, 1)) {
     r = call_status(s, err);
-    return r < 0 ? r : crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: cannot start", path);
+    return r < 0 ? r : crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: cannot start", s->method);
   }
   *ret = TAKE_PTR(s);
   return 0;
@@ -370,7 +373,7 @@ int rpc_stream_open(rpc_client *c, const char *path, const rpc_metadata *md, siz
 int rpc_stream_send(rpc_stream *s, const ProtobufCMessage *msg, crimage_error **err)
 {
   grpc_byte_buffer *bb = NULL;
-  int r = pack_message(s->client, msg, s->path, &bb, err);
+  int r = pack_message(s->client, msg, s->method, &bb, err);
   if (r < 0)
     return r;
   grpc_op op;
@@ -383,7 +386,7 @@ int rpc_stream_send(rpc_stream *s, const ProtobufCMessage *msg, crimage_error **
     return 0;
   /* The call ended under us: its status says why. */
   r = call_status(s, err);
-  return r < 0 ? r : crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the stream ended", s->path);
+  return r < 0 ? r : crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the stream ended", s->method);
 }
 
 int rpc_stream_recv(rpc_stream *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **ret,
@@ -401,12 +404,12 @@ int rpc_stream_recv(rpc_stream *s, const ProtobufCMessageDescriptor *desc, Proto
     if (bb)
       grpc_byte_buffer_destroy(bb);
     int r = call_status(s, err);
-    return r < 0 ? r : crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the stream ended", s->path);
+    return r < 0 ? r : crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the stream ended", s->method);
   }
   ProtobufCMessage *msg = unpack_message(bb, desc);
   grpc_byte_buffer_destroy(bb);
   if (!msg)
-    return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed message", s->path);
+    return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed message", s->method);
   *ret = msg;
   return 0;
 }
@@ -455,7 +458,7 @@ int rpc_client_server_stream(rpc_client *c, const char *path, const rpc_metadata
     ProtobufCMessage *msg = unpack_message(bb, msg_desc);
     grpc_byte_buffer_destroy(bb);
     if (!msg) {
-      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed message", path);
+      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed message", s->method);
       stopped = true;
     } else {
       stopped = fn(userdata, msg) != 0;

@@ -1,70 +1,29 @@
-/* The public client of libcrimage: unary CRI v1 ImageService calls over a unix socket on the gRPC C core.
- *
- * One generic helper packs a protobuf-c request, runs the whole call as a single batch on its own completion
- * queue and unpacks the reply; the per-method functions only build requests and copy replies into the plain
+/* The public client of libcrimage: CRI v1 ImageService and pull progress calls over a unix socket, on the generic
+ * gRPC client (cri/rpc_client.h). The per-method functions only build requests and copy replies into the plain
  * crimage_* structs, so callers never see protobuf-c or gRPC types. */
 #include <errno.h>
-#include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
-#include <grpc/grpc.h>
-#include <grpc/grpc_security.h>
-#include <grpc/slice.h>
-#include <grpc/support/time.h>
-#include <sys/un.h>
 
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
 #include "cri/api.pb-c.h"
 #include "cri/crimage.pb-c.h"
+#include "cri/rpc_client.h"
 #include "crimage.h"
 
-/* kubelet caps CRI messages at 16 MiB; accept as much. */
-#define CLIENT_MAX_MESSAGE (16 * 1024 * 1024)
-/* Status details come from the server: keep what we show bounded. */
-#define CLIENT_MAX_DETAILS 4096
-
 struct crimage_client {
-  grpc_channel *channel;
+  rpc_client *rpc;
   int64_t timeout_ms; /* 0: no deadline */
 };
 
-static const char *strip_unix_scheme(const char *path)
-{
-  /* Accept the forms crictl users type: "unix:///run/x.sock" and "unix:/run/x.sock". */
-  if (str_has_prefix(path, "unix://"))
-    return path + strlen("unix://");
-  if (str_has_prefix(path, "unix:"))
-    return path + strlen("unix:");
-  return path;
-}
-
 int crimage_client_connect(const char *socket_path, crimage_client **ret, crimage_error **err)
 {
-  if (str_empty(socket_path))
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "no socket path given");
-  const char *path = strip_unix_scheme(socket_path);
-  if (str_empty(path))
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid socket address '%s'", socket_path);
-  if (strlen(path) >= sizeof(((struct sockaddr_un *) NULL)->sun_path))
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, ENAMETOOLONG, "socket path too long");
-
-  grpc_init();
-  cleanup_free char *target = xasprintf("unix:%s", path);
-  grpc_arg args[] = {
-      {.type = GRPC_ARG_INTEGER, .key = (char *) GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = CLIENT_MAX_MESSAGE},
-      {.type = GRPC_ARG_INTEGER, .key = (char *) GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = CLIENT_MAX_MESSAGE},
-  };
-  grpc_channel_args channel_args = {.num_args = ARRAY_SIZE(args), .args = args};
-  grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-  grpc_channel *channel = grpc_channel_create(target, creds, &channel_args);
-  grpc_channel_credentials_release(creds);
-  if (!channel) {
-    grpc_shutdown();
-    return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "cannot create a channel to %s", target);
-  }
+  rpc_client *rpc = NULL;
+  int r = rpc_client_new(socket_path, NULL, &rpc, err);
+  if (r < 0)
+    return r;
   crimage_client *c = xcalloc(1, sizeof(*c));
-  c->channel = channel;
+  c->rpc = rpc;
   *ret = c;
   return 0;
 }
@@ -73,9 +32,8 @@ void crimage_client_close(crimage_client *c)
 {
   if (!c)
     return;
-  grpc_channel_destroy(c->channel);
+  rpc_client_free(c->rpc);
   free(c);
-  grpc_shutdown();
 }
 
 void crimage_client_set_timeout(crimage_client *c, int64_t timeout_ms)
@@ -83,193 +41,14 @@ void crimage_client_set_timeout(crimage_client *c, int64_t timeout_ms)
   c->timeout_ms = timeout_ms > 0 ? timeout_ms : 0;
 }
 
-/* Wipes a packed request before freeing it: a PullImage request can carry a password. */
-static void wipe_free(void *p, size_t len)
-{
-  explicit_bzero(p, len);
-  free(p);
-}
-
-static char *slice_to_printable(grpc_slice s)
-{
-  size_t len = GRPC_SLICE_LENGTH(s);
-  if (len > CLIENT_MAX_DETAILS)
-    len = CLIENT_MAX_DETAILS;
-  char *out = xmalloc(len + 1);
-  const unsigned char *p = GRPC_SLICE_START_PTR(s);
-  for (size_t i = 0; i < len; i++)
-    out[i] = (p[i] < 0x20 || p[i] == 0x7f) ? '?' : (char) p[i];
-  out[len] = '\0';
-  return out;
-}
-
-static gpr_timespec call_deadline(const crimage_client *c)
-{
-  if (c->timeout_ms <= 0)
-    return gpr_inf_future(GPR_CLOCK_MONOTONIC);
-  return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(c->timeout_ms, GPR_TIMESPAN));
-}
-
-static void completion_queue_destroy(grpc_completion_queue *cq)
-{
-  grpc_completion_queue_shutdown(cq);
-  for (;;) {
-    grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    if (ev.type == GRPC_QUEUE_SHUTDOWN)
-      break;
-  }
-  grpc_completion_queue_destroy(cq);
-}
-
-/* Packs req into a byte buffer for sending. The packed copy is wiped when gRPC frees it: a request can carry
- * registry credentials. */
-static int pack_request(const ProtobufCMessage *req, const char *method, grpc_byte_buffer **ret, crimage_error **err)
-{
-  size_t len = protobuf_c_message_get_packed_size(req);
-  if (len > CLIENT_MAX_MESSAGE)
-    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EMSGSIZE, "%s: request too large", method);
-  grpc_slice req_slice;
-  if (len > 0) {
-    uint8_t *buf = xmalloc(len);
-    protobuf_c_message_pack(req, buf);
-    req_slice = grpc_slice_new_with_len(buf, len, wipe_free);
-  } else {
-    req_slice = grpc_empty_slice();
-  }
-  *ret = grpc_raw_byte_buffer_create(&req_slice, 1);
-  grpc_slice_unref(req_slice);
-  return 0;
-}
-
-/* One call of /service/method on its own completion queue, bounded by the client's deadline, with what gRPC fills
- * in for it: the unary and the streaming call both begin and end one this way. */
-typedef struct rpc_call {
-  grpc_completion_queue *cq;
-  grpc_call *call;
-  grpc_byte_buffer *send_buf;
-  grpc_metadata_array initial_md, trailing_md;
-  grpc_status_code status;
-  grpc_slice details;
-} rpc_call;
-
-static int rpc_call_begin(rpc_call *rc, crimage_client *c, const char *service, const char *method,
-                          const ProtobufCMessage *req, crimage_error **err)
-{
-  grpc_byte_buffer *send_buf = NULL;
-  int r = pack_request(req, method, &send_buf, err);
-  if (r < 0)
-    return r;
-  cleanup_free char *path = xasprintf("/%s/%s", service, method);
-  grpc_slice method_slice = grpc_slice_from_copied_string(path);
-  rc->cq = grpc_completion_queue_create_for_next(NULL);
-  rc->call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, rc->cq, method_slice, NULL,
-                                      call_deadline(c), NULL);
-  grpc_slice_unref(method_slice);
-  rc->send_buf = send_buf;
-  grpc_metadata_array_init(&rc->initial_md);
-  grpc_metadata_array_init(&rc->trailing_md);
-  rc->status = GRPC_STATUS_UNKNOWN;
-  rc->details = grpc_empty_slice();
-  return 0;
-}
-
-static void rpc_call_end(rpc_call *rc)
-{
-  grpc_slice_unref(rc->details);
-  grpc_call_unref(rc->call);
-  completion_queue_destroy(rc->cq);
-  grpc_byte_buffer_destroy(rc->send_buf);
-  grpc_metadata_array_destroy(&rc->initial_md);
-  grpc_metadata_array_destroy(&rc->trailing_md);
-}
-
-/* Fills ops[0..3], the ops every call starts with: send the request and close, receive the initial metadata. */
-static void rpc_call_send_ops(rpc_call *rc, grpc_op ops[4])
-{
-  memset(ops, 0, 4 * sizeof(*ops));
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = rc->send_buf;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[3].data.recv_initial_metadata.recv_initial_metadata = &rc->initial_md;
-}
-
-/* Fills op to receive the call's status into rc. */
-static void rpc_call_status_op(rpc_call *rc, grpc_op *op)
-{
-  memset(op, 0, sizeof(*op));
-  op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  op->data.recv_status_on_client.trailing_metadata = &rc->trailing_md;
-  op->data.recv_status_on_client.status = &rc->status;
-  op->data.recv_status_on_client.status_details = &rc->details;
-}
-
-/* Turns a non-OK gRPC status into a crimage_error with the same status number. */
-static int status_error(grpc_status_code status, grpc_slice details, const char *method, crimage_error **err)
-{
-  cleanup_free char *msg = slice_to_printable(details);
-  int code = (int) status;
-  crimage_status st = (code > 0 && code <= (int) CRIMAGE_UNAUTHENTICATED) ? (crimage_status) code : CRIMAGE_UNKNOWN;
-  return crimage_error_set(err, st, 0, "%s: %s", method, str_empty(msg) ? crimage_status_name(st) : msg);
-}
-
-/* Unpacks a received message as desc; NULL when the buffer cannot be read or the message is malformed. */
-static ProtobufCMessage *unpack_message(grpc_byte_buffer *buf, const ProtobufCMessageDescriptor *desc)
-{
-  grpc_byte_buffer_reader reader;
-  if (!grpc_byte_buffer_reader_init(&reader, buf))
-    return NULL;
-  grpc_slice data = grpc_byte_buffer_reader_readall(&reader);
-  grpc_byte_buffer_reader_destroy(&reader);
-  ProtobufCMessage *msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(data), GRPC_SLICE_START_PTR(data));
-  grpc_slice_unref(data);
-  return msg;
-}
-
-/* Runs one unary call of a service: sends req, returns the unpacked reply (free it with
- * protobuf_c_message_free_unpacked). A non-OK gRPC status becomes a crimage_error with the same status number. */
+/* One unary call of a service: the reply is unpacked as reply_desc (free it with protobuf_c_message_free_unpacked);
+ * a non-OK status is an error with the same status number. */
 static int unary_call_service(crimage_client *c, const char *service, const char *method, const ProtobufCMessage *req,
                               const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **ret,
                               crimage_error **err)
 {
-  rpc_call rc;
-  int r = rpc_call_begin(&rc, c, service, method, req, err);
-  if (r < 0)
-    return r;
-  grpc_byte_buffer *recv_buf = NULL;
-  grpc_op ops[6];
-  rpc_call_send_ops(&rc, ops);
-  memset(&ops[4], 0, sizeof(ops[4]));
-  ops[4].op = GRPC_OP_RECV_MESSAGE;
-  ops[4].data.recv_message.recv_message = &recv_buf;
-  rpc_call_status_op(&rc, &ops[5]);
-
-  grpc_call_error cerr = grpc_call_start_batch(rc.call, ops, ARRAY_SIZE(ops), rc.call, NULL);
-  if (cerr != GRPC_CALL_OK) {
-    r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: cannot start call (error %d)", method, (int) cerr);
-  } else {
-    /* The call's own deadline bounds this wait: gRPC completes the batch with DEADLINE_EXCEEDED. */
-    grpc_event ev = grpc_completion_queue_next(rc.cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    if (ev.type != GRPC_OP_COMPLETE || !ev.success)
-      r = crimage_error_set(err, CRIMAGE_UNKNOWN, 0, "%s: call failed", method);
-  }
-  if (r == 0 && rc.status != GRPC_STATUS_OK)
-    r = status_error(rc.status, rc.details, method, err);
-  rpc_call_end(&rc);
-
-  if (r == 0 && !recv_buf)
-    r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: the server sent no reply", method);
-  if (r == 0) {
-    ProtobufCMessage *reply = unpack_message(recv_buf, reply_desc);
-    if (!reply)
-      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed reply", method);
-    else
-      *ret = reply;
-  }
-  if (recv_buf)
-    grpc_byte_buffer_destroy(recv_buf);
-  return r;
+  cleanup_free char *path = xasprintf("/%s/%s", service, method);
+  return rpc_client_unary(c->rpc, path, NULL, 0, c->timeout_ms, req, reply_desc, ret, err);
 }
 
 static int unary_call(crimage_client *c, const char *method, const ProtobufCMessage *req,
@@ -278,62 +57,12 @@ static int unary_call(crimage_client *c, const char *method, const ProtobufCMess
   return unary_call_service(c, "runtime.v1.ImageService", method, req, reply_desc, ret, err);
 }
 
-/* Runs a batch and waits for it on the call's own queue. */
-static bool run_batch(grpc_call *call, grpc_completion_queue *cq, const grpc_op *ops, size_t n)
-{
-  if (grpc_call_start_batch(call, ops, n, (void *) ops, NULL) != GRPC_CALL_OK)
-    return false;
-  grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-  return ev.type == GRPC_OP_COMPLETE && ev.success;
-}
-
-/* Runs one server-streaming call: sends req, hands every message (unpacked as msg_desc) to fn until the stream ends
- * or fn returns non-zero (then the call is cancelled and that is not an error). */
+/* One server-streaming call: every message goes to fn until the stream ends or fn returns non-zero. */
 static int stream_call(crimage_client *c, const char *service, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *msg_desc,
-                       int (*fn)(void *ud, const ProtobufCMessage *msg), void *ud, crimage_error **err)
+                       const ProtobufCMessageDescriptor *msg_desc, rpc_message_fn fn, void *ud, crimage_error **err)
 {
-  rpc_call rc;
-  int r = rpc_call_begin(&rc, c, service, method, req, err);
-  if (r < 0)
-    return r;
-  bool stopped = false;
-
-  grpc_op ops[4];
-  rpc_call_send_ops(&rc, ops);
-  bool sent = run_batch(rc.call, rc.cq, ops, 4);
-  while (sent && !stopped) {
-    grpc_byte_buffer *recv_buf = NULL;
-    grpc_op op;
-    memset(&op, 0, sizeof(op));
-    op.op = GRPC_OP_RECV_MESSAGE;
-    op.data.recv_message.recv_message = &recv_buf;
-    if (!run_batch(rc.call, rc.cq, &op, 1) || !recv_buf)
-      break; /* the end of the stream (or of the call): the status tells which */
-    ProtobufCMessage *msg = unpack_message(recv_buf, msg_desc);
-    grpc_byte_buffer_destroy(recv_buf);
-    if (!msg) {
-      r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "%s: malformed message", method);
-      stopped = true;
-    } else {
-      stopped = fn(ud, msg) != 0;
-      protobuf_c_message_free_unpacked(msg, NULL);
-    }
-    if (stopped)
-      grpc_call_cancel(rc.call, NULL);
-  }
-  grpc_op st;
-  rpc_call_status_op(&rc, &st);
-  bool got_status = run_batch(rc.call, rc.cq, &st, 1);
-  if (r == 0 && !stopped) {
-    if (!got_status) {
-      r = crimage_error_set(err, CRIMAGE_UNKNOWN, 0, "%s: call failed", method);
-    } else if (rc.status != GRPC_STATUS_OK) {
-      r = status_error(rc.status, rc.details, method, err);
-    }
-  }
-  rpc_call_end(&rc);
-  return r;
+  cleanup_free char *path = xasprintf("/%s/%s", service, method);
+  return rpc_client_server_stream(c->rpc, path, NULL, 0, c->timeout_ms, req, msg_desc, fn, ud, err);
 }
 
 /* ---- conversions ---- */
