@@ -567,6 +567,22 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
 
 /* ---- ImageFsInfo ---- */
 
+/* The distinct stores, the main one first. */
+static size_t distinct_stores(const image_service *svc, store **out)
+{
+  size_t n = 0;
+  out[n++] = svc->store;
+  for (size_t i = 0; i < svc->n_handler_stores; i++) {
+    bool seen = false;
+    for (size_t j = 0; j < n && !seen; j++)
+      seen = out[j] == svc->handler_stores[i].store;
+    if (!seen)
+      out[n++] = svc->handler_stores[i].store;
+  }
+  return n;
+}
+
+
 static int fs_usage(store *st, Runtime__V1__FilesystemUsage **ret, crimage_error **err)
 {
   store_usage usage = {0};
@@ -597,16 +613,12 @@ static int handle_image_fs_info(void *userdata, rpc_call *call, const ProtobufCM
   Runtime__V1__ImageFsInfoResponse *reply = xmalloc(sizeof(*reply));
   runtime__v1__image_fs_info_response__init(reply);
   /* The main store first: kubelet reads only the first entry. Then each store of its own, once. */
-  reply->image_filesystems = xcalloc(svc->n_handler_stores + 1, sizeof(*reply->image_filesystems));
-  for (size_t i = 0; i <= svc->n_handler_stores; i++) {
-    store *st = i == 0 ? svc->store : svc->handler_stores[i - 1].store;
-    bool seen = false;
-    for (size_t j = 0; j < i && !seen; j++)
-      seen = (j == 0 ? svc->store : svc->handler_stores[j - 1].store) == st;
-    if (seen)
-      continue;
+  store *stores[svc->n_handler_stores + 1];
+  size_t n_stores = distinct_stores(svc, stores);
+  reply->image_filesystems = xcalloc(n_stores, sizeof(*reply->image_filesystems));
+  for (size_t i = 0; i < n_stores; i++) {
     Runtime__V1__FilesystemUsage *fs = NULL;
-    int r = fs_usage(st, &fs, err);
+    int r = fs_usage(stores[i], &fs, err);
     if (r < 0) {
       protobuf_c_message_free_unpacked(&reply->base, NULL);
       return r;
@@ -903,21 +915,6 @@ static const rpc_method image_methods[] = {
     {.name = "StreamImages", .stream = handle_stream_images},
 };
 
-/* The distinct stores, the main one first. */
-static size_t distinct_stores(const image_service *svc, store **out)
-{
-  size_t n = 0;
-  out[n++] = svc->store;
-  for (size_t i = 0; i < svc->n_handler_stores; i++) {
-    bool seen = false;
-    for (size_t j = 0; j < n && !seen; j++)
-      seen = out[j] == svc->handler_stores[i].store;
-    if (!seen)
-      out[n++] = svc->handler_stores[i].store;
-  }
-  return n;
-}
-
 void image_service_reconcile(void *userdata)
 {
   image_service *svc = userdata;
@@ -950,8 +947,10 @@ void image_service_reconcile(void *userdata)
     }
     store_image_list_free(list, n);
   }
-  log_info("containerd reconcile: %zu of %zu images published again, %zu failed, in %lld ms", published, total,
-           failed, (long long) (now_monotonic_ms() - start));
+  /* The periodic check that finds everything in place says so only at debug level. */
+  log_msg(published || failed ? LOG_INFO : LOG_DEBUG,
+          "containerd reconcile: %zu of %zu images published again, %zu failed, in %lld ms", published, total, failed,
+          (long long) (now_monotonic_ms() - start));
 }
 
 int image_service_register(image_service *svc, rpc_server *server, crimage_error **err)

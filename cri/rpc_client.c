@@ -509,6 +509,21 @@ rpc_state rpc_client_state(rpc_client *c, bool try_connect)
   return state_from_grpc(grpc_channel_check_connectivity_state(c->channel, try_connect ? 1 : 0));
 }
 
+bool rpc_client_wait_ready(rpc_client *c, int64_t timeout_ms)
+{
+  int64_t deadline = now_monotonic_ms() + timeout_ms;
+  rpc_state st = rpc_client_state(c, true);
+  while (st != RPC_STATE_READY && st != RPC_STATE_SHUTDOWN) {
+    int64_t left = deadline - now_monotonic_ms();
+    if (left <= 0)
+      return false;
+    st = rpc_client_wait_state(c, st, left);
+    if (st == RPC_STATE_IDLE)
+      st = rpc_client_state(c, true);
+  }
+  return st == RPC_STATE_READY;
+}
+
 rpc_state rpc_client_wait_state(rpc_client *c, rpc_state last, int64_t timeout_ms)
 {
   static char tag;

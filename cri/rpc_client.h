@@ -76,5 +76,7 @@ typedef enum rpc_state {
 rpc_state rpc_client_state(rpc_client *c, bool try_connect);
 /* Waits up to timeout_ms for the state to differ from last; returns the state then (last on timeout). */
 rpc_state rpc_client_wait_state(rpc_client *c, rpc_state last, int64_t timeout_ms);
+/* Connects if needed and waits up to timeout_ms for the channel to be ready; true when it is. */
+bool rpc_client_wait_ready(rpc_client *c, int64_t timeout_ms);
 
 #endif

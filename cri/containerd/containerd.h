@@ -86,6 +86,9 @@ int ctrd_images_delete(const ctrd_ctx *c, const char *name, crimage_error **err)
 /* Creates lease id, which containerd's GC ends by itself expire_s seconds from now. */
 int ctrd_lease_create(const ctrd_ctx *c, const char *id, int64_t expire_s, crimage_error **err);
 int ctrd_lease_delete(const ctrd_ctx *c, const char *id, crimage_error **err);
+/* Makes lease id reference the blob digest (present or not yet), so containerd's GC keeps it while the lease
+ * lives. */
+int ctrd_lease_add_content(const ctrd_ctx *c, const char *id, const char *digest, crimage_error **err);
 
 /* ---- containerd's CRI image service (cri_images.c) ---- */
 /* Whether containerd's CRI resolves image (an ID or reference) to an image: its ImageStatus. */

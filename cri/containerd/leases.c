@@ -51,3 +51,25 @@ int ctrd_lease_delete(const ctrd_ctx *c, const char *id, crimage_error **err)
     protobuf_c_message_free_unpacked(reply, NULL);
   return r;
 }
+
+int ctrd_lease_add_content(const ctrd_ctx *c, const char *id, const char *digest, crimage_error **err)
+{
+  rpc_metadata md[2];
+  ctrd_ctx plain = *c;
+  plain.lease = NULL;
+  size_t n_md = ctrd_metadata(&plain, md);
+  /* The resource type containerd's metadata store names blobs with (core/metadata: bucketKeyObjectContent). */
+  Containerd__Services__Leases__V1__Resource res = CONTAINERD__SERVICES__LEASES__V1__RESOURCE__INIT;
+  res.id = (char *) digest;
+  res.type = (char *) "content";
+  Containerd__Services__Leases__V1__AddResourceRequest req =
+      CONTAINERD__SERVICES__LEASES__V1__ADD_RESOURCE_REQUEST__INIT;
+  req.id = (char *) id;
+  req.resource = &res;
+  ProtobufCMessage *reply = NULL;
+  int r = rpc_client_unary(c->rpc, LEASES_SERVICE "AddResource", md, n_md, c->timeout_ms, &req.base,
+                           &google__protobuf__empty__descriptor, &reply, err);
+  if (reply)
+    protobuf_c_message_free_unpacked(reply, NULL);
+  return r;
+}

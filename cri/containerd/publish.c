@@ -2,8 +2,8 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
-#include <sys/random.h>
 
+#include "common/digest.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "cri/containerd/containerd.h"
@@ -14,6 +14,12 @@
 /* containerd's GC ends a publish lease by itself after this long, should crimage die before deleting it. */
 #define LEASE_EXPIRE_S 3600
 #define CONFIRM_POLL_MS 20
+/* A containerd that just came back is reconnected to within a second (the client's reconnect back-off); a publish
+ * waits that long for it rather than failing on a connection attempt that was refused a moment ago. */
+#define CONNECT_WAIT_MS 1500
+/* While containerd stays up, its images are checked this often too: kubelet never pulls an image crimage reports
+ * present (IfNotPresent), so a record deleted behind crimage's back would otherwise stay missing. */
+#define RECHECK_INTERVAL_MS (5 * 60 * 1000)
 
 /* A publish or a blob write in progress: the same image, or the same blob of two images, is never written by two
  * threads at once (containerd would refuse the second writer of a ref as locked). */
@@ -157,8 +163,12 @@ static int publish_blob(publisher *p, const ctrd_ctx *c, store *st, const char *
 {
   cleanup_free char *key = xasprintf("blob\x1f%s", digest);
   key_lock(p, key);
+  /* Pinned first: a blob containerd has but nothing references yet (its images were deleted) would otherwise be
+   * fair game for containerd's GC between this check and the image records. */
+  int r = ctrd_lease_add_content(c, c->lease, digest, err);
   int64_t have = 0;
-  int r = ctrd_content_info(c, digest, &have, err);
+  if (r >= 0)
+    r = ctrd_content_info(c, digest, &have, err);
   if (r > 0) {
     r = n_labels ? ctrd_content_update_labels(c, digest, labels, n_labels, err) : 0;
   } else if (r == 0) {
@@ -215,6 +225,15 @@ static int confirm_cri(publisher *p, const ctrd_ctx *c, const store_image *img, 
   }
 }
 
+static void lease_name(const char *ns, const store_image *img, char *buf, size_t size)
+{
+  char digest[DIGEST_MAX_LEN + 1];
+  cleanup_free char *key = xasprintf("%s\x1f%s\x1f%s", ns, img->handler, img->id);
+  digest_sha256(key, strlen(key), digest);
+  /* "sha256:" and 16 hex digits: unique enough among one node's images, short in containerd's listings. */
+  snprintf(buf, size, "crimage-%.16s", digest + strlen("sha256:"));
+}
+
 static int publish_locked(publisher *p, store *st, const store_image *img, const char *ns, crimage_error **err)
 {
   ctrd_ctx c = {.rpc = p->rpc, .ns = ns, .timeout_ms = p->call_timeout_ms};
@@ -233,15 +252,20 @@ static int publish_locked(publisher *p, store *st, const store_image *img, const
     return 0;
   }
 
-  uint8_t rnd[8];
-  if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd))
-    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "getrandom");
-  char lease[32];
-  snprintf(lease, sizeof(lease), "crimage-%02x%02x%02x%02x%02x%02x%02x%02x", rnd[0], rnd[1], rnd[2], rnd[3], rnd[4],
-           rnd[5], rnd[6], rnd[7]);
-  r = ctrd_lease_create(&c, lease, LEASE_EXPIRE_S, err);
-  if (r < 0)
+  /* One lease name per (namespace, handler, image): a try after a failed one (containerd killed mid-publish) takes
+   * over the lease that try left and deletes it when done, so nothing of the dead try stays referenced. */
+  char lease[DIGEST_MAX_LEN + 16];
+  lease_name(ns, img, lease, sizeof(lease));
+  crimage_error *lease_err = NULL;
+  r = ctrd_lease_create(&c, lease, LEASE_EXPIRE_S, &lease_err);
+  if (r < 0 && lease_err->status == CRIMAGE_ALREADY_EXISTS) {
+    crimage_error_clear(&lease_err);
+    r = 0;
+  }
+  if (r < 0) {
+    *err = lease_err;
     return publish_error(p, ns, err, "creating a lease");
+  }
   c.lease = lease;
 
   /* Children before parents: nothing references a blob containerd does not have yet. */
@@ -278,7 +302,6 @@ static int publish_locked(publisher *p, store *st, const store_image *img, const
     r = publish_error(p, ns, err, "confirming the image");
 
   /* The records (or nothing, on failure) hold the content now; a lease left behind expires by itself. */
-  crimage_error *lease_err = NULL;
   c.lease = NULL;
   if (ctrd_lease_delete(&c, lease, &lease_err) < 0) {
     log_warn("containerd at %s: deleting lease %s: %s", rpc_client_path(p->rpc), lease, lease_err->message);
@@ -291,6 +314,7 @@ int publisher_publish(publisher *p, store *st, const store_image *img, const cha
 {
   cleanup_free char *key = xasprintf("image\x1f%s\x1f%s\x1f%s", ns, img->handler, img->id);
   key_lock(p, key);
+  rpc_client_wait_ready(p->rpc, CONNECT_WAIT_MS);
   /* crimage's own removals wait until the blobs are in containerd. */
   store_hold(st);
   int64_t start = now_monotonic_ms();
@@ -367,6 +391,7 @@ int publisher_unpublish(publisher *p, const store_image *img, const char *ns, cr
 {
   cleanup_free char *key = xasprintf("image\x1f%s\x1f%s\x1f%s", ns, img->handler, img->id);
   key_lock(p, key);
+  rpc_client_wait_ready(p->rpc, CONNECT_WAIT_MS);
   int r = unpublish_locked(p, img, ns, err);
   key_unlock(p, key);
   return r;
@@ -386,11 +411,14 @@ static void *watcher_thread(void *arg)
 {
   publisher *p = arg;
   bool was_ready = false;
+  int64_t next_check = 0;
   while (!publisher_stopping(p)) {
     rpc_state st = rpc_client_state(p->rpc, true);
-    if (st == RPC_STATE_READY && !was_ready) {
-      log_info("containerd at %s answers", rpc_client_path(p->rpc));
+    if (st == RPC_STATE_READY && (!was_ready || now_monotonic_ms() >= next_check)) {
+      if (!was_ready)
+        log_info("containerd at %s answers", rpc_client_path(p->rpc));
       p->ready_fn(p->ready_userdata);
+      next_check = now_monotonic_ms() + RECHECK_INTERVAL_MS;
     }
     if (st != RPC_STATE_READY && was_ready)
       log_warn("containerd at %s is unreachable; images are published again when it is back",

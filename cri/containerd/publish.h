@@ -38,8 +38,8 @@ int publisher_publish(publisher *p, store *st, const store_image *img, const cha
  * handler's label), then the image ID record containerd's CRI added when no other record targets the image. */
 int publisher_unpublish(publisher *p, const store_image *img, const char *ns, crimage_error **err);
 
-/* Calls fn on a thread of the publisher's: once containerd answers, and again each time it answers after it was
- * unreachable (a restart, a wiped root). At most one watcher. */
+/* Calls fn on a thread of the publisher's: once containerd answers, again each time it answers after it was
+ * unreachable (a restart, a wiped root), and every few minutes while it stays up. At most one watcher. */
 typedef void (*publisher_ready_fn)(void *userdata);
 int publisher_watch(publisher *p, publisher_ready_fn fn, void *userdata, crimage_error **err);
 /* True once publisher_free began: a long reconcile stops early. */
