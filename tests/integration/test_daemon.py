@@ -78,3 +78,19 @@ def test_invalid_pinned_image_named(tmp_path, short_dir):
            "pinnedImages": ["Not//A Reference"]}
     err = run_daemon_expecting_failure(tmp_path, json.dumps(cfg))
     assert "pinned image" in err and "Not//A Reference" in err
+
+
+@pytest.mark.parametrize("settings,named", [
+    ({"containerd": {"address": "/run/c.sock", "socket": "/run/c.sock"}}, "containerd.socket"),
+    ({"containerd": {"namespace": 7}}, "containerd.namespace"),
+    ({"containerd": {"namespace": "k8s..io"}}, "containerd.namespace \"k8s..io\""),
+    ({"containerd": {"namespace": "-k8s"}}, "containerd.namespace \"-k8s\""),
+    ({"containerd": "unix:///run/containerd/containerd.sock"}, "containerd: expected a map"),
+    ({"runtimeHandlers": {"vm": {"containerdNamespace": "a/b"}}}, "runtimeHandlers.vm.containerdNamespace \"a/b\""),
+])
+def test_invalid_containerd_settings_named(tmp_path, short_dir, settings, named):
+    """containerd's own rule for namespaces (letters and digits joined by single '.', '_' or '-') is checked at
+    start-up, where a typo is found, rather than on every publish."""
+    cfg = dict({"root": str(tmp_path / "root"), "socket": os.path.join(short_dir, "s.sock")}, **settings)
+    err = run_daemon_expecting_failure(tmp_path, json.dumps(cfg))
+    assert named in err, err
