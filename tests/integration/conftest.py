@@ -162,15 +162,19 @@ class ProxyServer:
 # CRI client generated from the project's own proto
 
 
-def generate_proto_module(outdir, proto, module_name, probe, subdir="gen"):
-    """Compiles cri/`proto` to a Python message module in `outdir` and imports it as `module_name`; `probe(mod)`
-    must succeed on the loaded module.
+def generate_proto_module(outdir, proto, module_name, probe, subdir="gen", proto_dir=None, include_dirs=(),
+                          deps=None):
+    """Compiles `proto` (in `proto_dir`, default cri/) to a Python message module in `outdir` and imports it as
+    `module_name`; `probe(mod)` must succeed on the loaded module. A proto that imports others names their
+    directories in `include_dirs`, and in `deps` the modules already loaded for them under the names its generated
+    code imports ({"api_pb2": cri}), so that both share one set of message classes.
 
     Debian's grpc_tools bundles its own protoc; should its output not load with the installed protobuf runtime, the
     standalone protoc (protobuf-compiler) is tried instead. Only the message module is needed: the clients call
     methods through generic channel stubs, so no generated service code is involved.
     """
-    proto_dir = os.path.join(REPO, "cri")
+    proto_dir = proto_dir or os.path.join(REPO, "cri")
+    deps = deps or {}
     attempts = [[sys.executable, "-m", "grpc_tools.protoc"]]
     if shutil.which("protoc"):
         attempts.append(["protoc"])
@@ -178,7 +182,8 @@ def generate_proto_module(outdir, proto, module_name, probe, subdir="gen"):
     for i, tool in enumerate(attempts):
         d = os.path.join(outdir, f"{subdir}{i}")
         os.makedirs(d, exist_ok=True)
-        r = subprocess.run(tool + [f"-I{proto_dir}", f"--python_out={d}", os.path.join(proto_dir, proto)],
+        r = subprocess.run(tool + [f"-I{proto_dir}"] + [f"-I{inc}" for inc in include_dirs]
+                           + [f"--python_out={d}", os.path.join(proto_dir, proto)],
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             errors.append(f"{tool}: {r.stderr}")
@@ -187,12 +192,22 @@ def generate_proto_module(outdir, proto, module_name, probe, subdir="gen"):
             pb2 = os.path.splitext(proto)[0] + "_pb2.py"
             spec = importlib.util.spec_from_file_location(module_name, os.path.join(d, pb2))
             mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
+            shadowed = {name: sys.modules.get(name) for name in deps}
+            sys.modules.update(deps)
+            try:
+                spec.loader.exec_module(mod)
+            finally:
+                for name, old in shadowed.items():
+                    if old is None:
+                        del sys.modules[name]
+                    else:
+                        sys.modules[name] = old
             probe(mod)
             return mod
         except Exception as e:  # noqa: BLE001 -- any failure to load means: try the next generator
             errors.append(f"{tool}: generated module does not load: {e!r}")
-    raise RuntimeError(f"cannot generate a Python client from cri/{proto}:\n" + "\n".join(errors))
+    raise RuntimeError(f"cannot generate a Python client from {os.path.join(proto_dir, proto)}:\n"
+                       + "\n".join(errors))
 
 
 def generate_cri_module(outdir):
@@ -612,3 +627,87 @@ def pytest_runtest_makereport(item, call):
     if rep.failed:
         for log in getattr(item, "_crimage_logs", []):
             rep.sections.append((f"crimaged stderr {log}", tail(log)))
+        if getattr(item, "_containerd_logs", None):
+            from containerd_helpers import log_since
+            for log, offset in item._containerd_logs:
+                rep.sections.append((f"containerd log {log}", log_since(log, offset)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runnable images and containerd (containerd_helpers imports this module, hence the imports inside the fixtures)
+
+
+@pytest.fixture(scope="session")
+def runnable_images(registry, tmp_path_factory):
+    """The runnable fixture images (pause, hello, hello-docker, whiteout, multi-hello) pushed to the session
+    registry: {key: fixtures.PushedRunnable}."""
+    return fixtures.push_runnable(str(tmp_path_factory.mktemp("runnable")), registry.host)
+
+
+@pytest.fixture(scope="session")
+def runtime_pb(cri, tmp_path_factory):
+    """The generated CRI RuntimeService message module (protos/cri_runtime.proto), sharing cri's messages."""
+    import containerd_helpers
+    return containerd_helpers.generate_runtime_module(str(tmp_path_factory.mktemp("runtime-gen")), cri)
+
+
+def _containerd_logs(request):
+    if not hasattr(request.node, "_containerd_logs"):
+        request.node._containerd_logs = []
+    return request.node._containerd_logs
+
+
+@pytest.fixture(scope="session")
+def shared_containerd(registry, runnable_images, tmp_path_factory):
+    """One containerd for the session (tests use it through `containerd`): the pause fixture as sandbox image, the
+    session registry reachable over plain HTTP."""
+    import containerd_helpers
+    ctd = containerd_helpers.Containerd(str(tmp_path_factory.mktemp("containerd")), runnable_images["pause"].ref(),
+                                        registries=[registry.host])
+    try:
+        ctd.start()
+        yield ctd
+    finally:
+        ctd.cleanup()
+
+
+@pytest.fixture
+def containerd(request, shared_containerd):
+    """The session's containerd, for tests that neither stop, kill nor wipe it (those use containerd_factory); the
+    report of a failing test gets what containerd logged during the test."""
+    _containerd_logs(request).append((shared_containerd.log, os.path.getsize(shared_containerd.log)))
+    return shared_containerd
+
+
+@pytest.fixture
+def containerd_cri(containerd, cri, runtime_pb):
+    """A CriRuntime on the session's containerd. A test must not leave pods behind: any left are removed and the
+    test fails."""
+    client = containerd.client(cri, runtime_pb)
+    yield client
+    try:
+        left = client.remove_all_sandboxes()
+    finally:
+        client.close()
+    assert not left, f"the test left pod sandboxes behind: {left}"
+
+
+@pytest.fixture
+def containerd_factory(request, registry, runnable_images, tmp_path):
+    """Starts a containerd of the test's own, which it may stop, kill, restart or wipe:
+    containerd_factory(registries=(), handlers=("runc",), start=True). The session registry is always reachable
+    and the pause fixture is the sandbox image. Every instance is cleaned up at teardown (no process, mount or
+    socket left) and a failing test's report gets its log."""
+    import containerd_helpers
+    made = []
+
+    def make(registries=(), handlers=("runc",), start=True):
+        ctd = containerd_helpers.Containerd(str(tmp_path / f"containerd{len(made)}"), runnable_images["pause"].ref(),
+                                            registries=[registry.host, *registries], handlers=handlers)
+        made.append(ctd)
+        _containerd_logs(request).append((ctd.log, 0))
+        return ctd.start() if start else ctd
+
+    yield make
+    for ctd in made:
+        ctd.cleanup()

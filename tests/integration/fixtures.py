@@ -5,6 +5,7 @@ digests of layers, configs, manifests and indexes are the same on every run and 
 checked against what the registry and the daemon report.
 """
 
+import base64
 import gzip
 import hashlib
 import io
@@ -56,13 +57,14 @@ def chain_id(diff_ids):
 class Layer:
     """A gzip-compressed tar layer built from a list of entries.
 
-    An entry is (path, bytes) for a regular file, (path, None) for a directory, or (path, ("symlink", target)).
+    An entry is (path, bytes) for a regular file (mode 0644), (path, bytes, mode) for one with another mode (0o755
+    for an executable), (path, None) for a directory, or (path, ("symlink", target)).
     """
 
     def __init__(self, entries):
         tar_buf = io.BytesIO()
         with tarfile.open(fileobj=tar_buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for path, content in entries:
+            for path, content, *mode in entries:
                 info = tarfile.TarInfo(path)
                 info.mtime = EPOCH
                 info.uid = info.gid = 0
@@ -77,7 +79,7 @@ class Layer:
                     info.mode = 0o777
                     tar.addfile(info)
                 else:
-                    info.mode = 0o644
+                    info.mode = mode[0] if mode else 0o644
                     info.size = len(content)
                     tar.addfile(info, io.BytesIO(content))
         self.tar = tar_buf.getvalue()
@@ -97,7 +99,7 @@ class Layer:
 class Image:
     """A single-platform image: layers, config and an OCI manifest."""
 
-    def __init__(self, name, layers, arch=None, os_="linux", user="", variant=None, extra_env=()):
+    def __init__(self, name, layers, arch=None, os_="linux", user="", variant=None, extra_env=(), cmd=("/bin/sh",)):
         self.name = name
         self.layers = list(layers)
         self.arch = arch or host_arch()
@@ -111,7 +113,7 @@ class Image:
             "config": {
                 "User": user,
                 "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", f"FIXTURE={name}"] + list(extra_env),
-                "Cmd": ["/bin/sh"],
+                "Cmd": list(cmd),
                 "WorkingDir": "/",
                 "Labels": {"org.example.fixture": name},
             },
@@ -373,4 +375,115 @@ def push_all(workdir, registry_host):
             if other != digest:
                 raise RuntimeError(f"{repo}:{tag} serves {other}, expected {digest}")
         pushed[repo] = PushedImage(image, registry_host, repo, tags, digest)
+    return pushed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runnable images: a container runtime can start these. Their one binary is Debian's busybox-static, so the images
+# are deterministic for a given installed busybox; every command prints one known line and exits 0, or says what
+# is wrong and exits 1.
+
+BUSYBOX = "/bin/busybox"
+
+
+def hello_line(name):
+    """The line the runnable image `name` prints on success."""
+    return f"crimage-hello-{name}"
+
+
+def other_arch():
+    """An architecture that is not this machine's, for the second entry of a multi-arch index."""
+    return "arm64" if host_arch() == "amd64" else "amd64"
+
+
+# The whiteout image's command: layer 2 deletes /data/gone.txt (a .wh. file) and hides all of layer 1's /old (an
+# opaque whiteout), while what it adds itself and what layer 1 added elsewhere stay.
+WHITEOUT_CHECK = """for f in /data/gone.txt /old/a.txt; do [ ! -e "$f" ] || { echo "still there: $f"; exit 1; }; done
+for f in /data/kept.txt /old/new.txt /etc/marker; do [ -e "$f" ] || { echo "missing: $f"; exit 1; }; done
+echo """ + hello_line("whiteout")
+
+
+def build_runnable_catalog():
+    """The runnable images by key: `pause` (a sandbox image that sleeps until killed), `hello` (prints
+    hello_line("hello")), `whiteout` (3 layers with a whiteout and an opaque whiteout; prints hello_line("whiteout")
+    when both took effect) and `multi-hello` (an index over this machine's architecture and another one; each entry
+    prints hello_line(f"multi-hello-<its arch>"), so the output shows which entry a runtime chose). All share the
+    busybox layer."""
+    with open(BUSYBOX, "rb") as f:
+        busybox = f.read()
+    base = Layer([("bin", None), ("bin/busybox", busybox, 0o755), ("bin/sh", ("symlink", "busybox"))])
+    data = Layer([("data", None), ("data/gone.txt", b"deleted by the next layer\n"), ("data/kept.txt", b"kept\n"),
+                  ("old", None), ("old/a.txt", b"hidden by an opaque whiteout\n")])
+    top = Layer([("data", None), ("data/.wh.gone.txt", b""), ("etc", None), ("etc/marker", b"top layer\n"),
+                 ("old", None), ("old/.wh..wh..opq", b""), ("old/new.txt", b"added with the opaque whiteout\n")])
+
+    cat = {
+        "pause": Image("pause", [base], cmd=[BUSYBOX, "sleep", "2147483647"]),
+        "hello": Image("hello", [base], cmd=[BUSYBOX, "echo", hello_line("hello")]),
+        "whiteout": Image("whiteout", [base, data, top], cmd=[BUSYBOX, "sh", "-c", WHITEOUT_CHECK]),
+    }
+    cat["multi-hello"] = Index("multi-hello", [
+        Image("multi-hello", [base], arch=arch, extra_env=[f"ARCH={arch}"],
+              cmd=[BUSYBOX, "echo", hello_line(f"multi-hello-{arch}")])
+        for arch in (host_arch(), other_arch())])
+    return cat
+
+
+class PushedRunnable(PushedImage):
+    """A runnable image as it is in a registry; `output` is the line its command prints on this machine (None for
+    pause, which prints nothing)."""
+
+    def __init__(self, image, registry_host, repo, tags, manifest_digest, output):
+        super().__init__(image, registry_host, repo, tags, manifest_digest)
+        self.output = output
+
+
+# key -> (repository, tags, manifest format or None for unchanged OCI). hello-docker is hello as Docker schema 2.
+RUNNABLE_PUSH_PLAN = {
+    "pause": ("crimage-test/pause", ["1"], None),
+    "hello": ("crimage-test/hello", ["1"], None),
+    "hello-docker": ("crimage-test/hello-docker", ["1"], "v2s2"),
+    "whiteout": ("crimage-test/whiteout", ["1"], None),
+    "multi-hello": ("crimage-test/multi-hello", ["1"], None),
+}
+
+
+def _served_digest(host, repo, tag, creds):
+    headers = {"Accept": ACCEPT_ALL}
+    if creds:
+        headers["Authorization"] = "Basic " + base64.b64encode(creds.encode()).decode()
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{tag}", method="HEAD", headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.headers["Docker-Content-Digest"]
+
+
+def push_runnable(workdir, registry_host, creds=None):
+    """Generates the runnable images, pushes them to `registry_host` (with `creds` "user:password" to one that
+    requires HTTP Basic auth) and returns {key: PushedRunnable} for the keys of RUNNABLE_PUSH_PLAN.
+
+    As in push_all, what the registry serves is read back and must be what was generated."""
+    cat = build_runnable_catalog()
+    os.makedirs(workdir, exist_ok=True)
+    policy = _policy(workdir)
+    tmp = os.path.join(workdir, "skopeo-tmp")
+    os.makedirs(tmp, exist_ok=True)
+    pushed = {}
+    for key, (repo, tags, fmt) in RUNNABLE_PUSH_PLAN.items():
+        source = "hello" if key == "hello-docker" else key
+        image = cat[source]
+        layout = os.path.join(workdir, "runnable-layouts", source)
+        if not os.path.exists(os.path.join(layout, "index.json")):
+            write_oci_layout(layout, image, "fixture")
+        for tag in tags:
+            skopeo_push(layout, "fixture", f"{registry_host}/{repo}:{tag}", policy, fmt=fmt, tmpdir=tmp, creds=creds)
+        digest = _served_digest(registry_host, repo, tags[0], creds)
+        if fmt is None and digest != image.manifest_digest:
+            raise RuntimeError(f"{repo}: registry serves {digest}, generated {image.manifest_digest}")
+        if source == "pause":
+            output = None
+        elif isinstance(image, Index):
+            output = hello_line(f"multi-hello-{host_arch()}")
+        else:
+            output = hello_line(source)
+        pushed[key] = PushedRunnable(image, registry_host, repo, tags, digest, output)
     return pushed
