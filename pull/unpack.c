@@ -878,6 +878,11 @@ static int extract_entry(unpack *u, struct archive_entry *e, crimage_error **err
   const char *name = slash ? slash + 1 : rel;
   cleanup_free char *parent = slash ? xstrndup(rel, (size_t) (slash - rel)) : xstrdup("");
 
+  /* aufs metadata directories (.wh..wh.plnk, .wh..wh.orph) and what is in them are not part of the filesystem */
+  for (const char *c = rel; c < name; c = strchr(c, '/') + 1)
+    if (str_has_prefix(c, WH_META_PREFIX))
+      return 0;
+
   int pfd = -1;
   int r = parent_dir(u, parent, raw, &pfd, err);
   if (r < 0)
@@ -1327,6 +1332,7 @@ int unpack_begin(const char *dir, const char *media_type, const unpack_limits *l
     u->lim.max_path_len = def.max_path_len;
   if (!u->lim.max_name_len)
     u->lim.max_name_len = def.max_name_len;
+  u->no_openat2 = u->lim.walk_only;
   u->comp = comp;
   u->dir = xstrdup(dir);
   u->base = xstrdup(base);

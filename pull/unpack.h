@@ -50,6 +50,7 @@ typedef struct unpack_limits {
   uint64_t max_file_size;   /* size of one regular file */
   size_t max_path_len;      /* bytes of a name after `/` and `./` are stripped, and of a link target */
   size_t max_name_len;      /* bytes of one path component */
+  bool walk_only; /* resolve names with the O_NOFOLLOW walk even where openat2 exists (the tests cover both) */
 } unpack_limits;
 
 /* A million entries: about three times the largest layers seen in practice (a node_modules or a Python
