@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include "fsutil.h"
@@ -123,5 +124,96 @@ int mkdir_p(const char *path, mode_t mode, crimage_error **err)
   }
   if (mkdir(p, mode) < 0 && errno != EEXIST)
     return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "mkdir `%s`", p);
+  return 0;
+}
+
+/* Removes name (of any type) under dirfd. Directories are emptied depth first holding two fds at most (a deep tree
+ * must not run out of them): after a subdirectory is removed, its parent is entered again through "..", which is
+ * safe because the tree is the unpacker's own (nothing renames it meanwhile) and ".." is never a symlink. */
+int rm_tree_at(int dirfd, const char *name)
+{
+  if (unlinkat(dirfd, name, 0) == 0 || errno == ENOENT)
+    return 0;
+  if (errno != EISDIR)
+    return -errno;
+  int cur = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (cur < 0)
+    return -errno;
+  char **stack = NULL; /* names of the directories entered below name */
+  size_t depth = 0, cap = 0;
+  int r = 0;
+  for (;;) {
+    int dfd = dup(cur);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    if (!d) {
+      r = -errno;
+      if (dfd >= 0)
+        close(dfd);
+      break;
+    }
+    rewinddir(d); /* the offset is shared with cur, which an earlier pass moved */
+    char *sub = NULL;
+    struct dirent *de;
+    while ((errno = 0, de = readdir(d))) {
+      if (streq(de->d_name, ".") || streq(de->d_name, ".."))
+        continue;
+      if (unlinkat(cur, de->d_name, 0) == 0)
+        continue;
+      if (errno != EISDIR) {
+        r = -errno;
+        break;
+      }
+      sub = xstrdup(de->d_name);
+      break;
+    }
+    if (!de && errno)
+      r = -errno;
+    closedir(d);
+    if (r < 0) {
+      free(sub);
+      break;
+    }
+    if (sub) {
+      int next = openat(cur, sub, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      if (next < 0) {
+        r = -errno;
+        free(sub);
+        break;
+      }
+      close(cur);
+      cur = next;
+      if (depth == cap) {
+        cap = cap ? cap * 2 : 16;
+        stack = xrealloc(stack, cap * sizeof(*stack));
+      }
+      stack[depth++] = sub;
+      continue;
+    }
+    /* cur is empty */
+    if (depth == 0)
+      break;
+    int up = openat(cur, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (up < 0) {
+      r = -errno;
+      break;
+    }
+    close(cur);
+    cur = up;
+    depth--;
+    if (unlinkat(cur, stack[depth], AT_REMOVEDIR) < 0 && errno != ENOENT) {
+      r = -errno;
+      free(stack[depth]);
+      break;
+    }
+    free(stack[depth]);
+  }
+  close(cur);
+  for (size_t i = 0; i < depth; i++)
+    free(stack[i]);
+  free(stack);
+  if (r < 0)
+    return r;
+  if (unlinkat(dirfd, name, AT_REMOVEDIR) < 0 && errno != ENOENT)
+    return -errno;
   return 0;
 }

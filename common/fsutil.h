@@ -15,6 +15,9 @@ int mkdir_p(const char *path, mode_t mode, crimage_error **err);
 int fsync_dir(const char *dir);
 /* fsyncs the directory that contains path. */
 int fsync_parent(const char *path);
+/* Removes name (of any type, a directory with everything below it) under dirfd without following symlinks.
+ * Returns 0 (also when absent) or -errno. */
+int rm_tree_at(int dirfd, const char *name);
 /* Writes all of buf to fd, retrying on EINTR and short writes. Returns 0 or -errno. */
 int write_all(int fd, const void *buf, size_t len);
 
