@@ -32,6 +32,7 @@ struct image_service {
   size_t n_handler_stores;
   publisher *publisher;
   char *containerd_namespace;
+  bool unpack_layers;
   pthread_mutex_t waiters_lock;
   struct pull_waiters *waiters;
 };
@@ -142,6 +143,7 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
   }
   svc->n_handler_stores = opts->n_handler_stores;
   svc->publisher = opts->publisher;
+  svc->unpack_layers = opts->unpack_layers;
   svc->containerd_namespace = xstrdup(opts->containerd_namespace ? opts->containerd_namespace : "k8s.io");
   pthread_mutex_init(&svc->waiters_lock, NULL);
   svc->credentials = opts->credentials;
@@ -786,6 +788,7 @@ static int run_pull_attempt(void *userdata, const credential *cred, void **ret_r
               .handler = handler,
               .platform = hc && hc->has_platform ? &hc->platform : &svc->host_platform,
               .cred = cred,
+              .unpack = hc && hc->unpack_layers >= 0 ? hc->unpack_layers > 0 : svc->unpack_layers,
               .cancelled = job_cancelled,
               .progress = job_progress,
               .userdata = &job,

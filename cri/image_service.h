@@ -23,6 +23,7 @@ typedef struct handler_config {
   platform platform; /* the platform this handler pulls from an index */
   char *root;        /* a store of its own; NULL = the main store */
   char *containerd_namespace; /* where its images go in containerd; NULL = the default namespace */
+  int unpack_layers;          /* 1 / 0: unpack its layers or not; -1: as unpackLayers says */
 } handler_config;
 
 /* A runtime handler with a store (and so a puller) of its own: runtimeHandlers.<name>.root. */
@@ -47,6 +48,7 @@ typedef struct image_service_options {
   size_t n_handler_stores;
   publisher *publisher;             /* hands every pulled image to containerd; NULL = none */
   const char *containerd_namespace; /* of handlers without one of their own; NULL = k8s.io */
+  bool unpack_layers;               /* pulls unpack every layer for overlayfs (handlers may say otherwise) */
 } image_service_options;
 
 typedef struct image_service image_service;

@@ -216,7 +216,7 @@ static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **e
       return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key runtimeHandlers: empty handler name");
     cfg->handlers = xrealloc(cfg->handlers, (cfg->n_handlers + 1) * sizeof(*cfg->handlers));
     handler_config *h = &cfg->handlers[cfg->n_handlers++];
-    *h = (handler_config){.name = xstrdup(name)};
+    *h = (handler_config){.name = xstrdup(name), .unpack_layers = -1};
     if (!settings)
       continue;
     if (!json_object_is_type(settings, json_type_object))
@@ -240,6 +240,13 @@ static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **e
         if (h->root[0] != '/')
           return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                                    "config key runtimeHandlers.%s.root: must be an absolute path", name);
+      } else if (streq(k, "unpackLayers")) {
+        cleanup_free char *path = xasprintf("runtimeHandlers.%s.unpackLayers", name);
+        bool on = false;
+        int r = get_bool(val, path, &on, err);
+        if (r < 0)
+          return r;
+        h->unpack_layers = on;
       } else if (streq(k, "containerdNamespace")) {
         cleanup_free char *path = xasprintf("runtimeHandlers.%s.containerdNamespace", name);
         int r = get_string(val, path, &h->containerd_namespace, err);
@@ -372,6 +379,8 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = get_string(v, key, &cfg->metrics_address, err);
     else if (streq(key, "containerd"))
       r = load_containerd(cfg, v, err);
+    else if (streq(key, "unpackLayers"))
+      r = get_bool(v, key, &cfg->unpack_layers, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
     if (r < 0)

@@ -42,6 +42,7 @@ typedef struct crimaged_config {
   int64_t credential_provider_timeout_ms; /* how long a credential provider plugin may run */
   int64_t shutdown_grace_period_ms;
   char *metrics_address; /* "" = no metrics listener */
+  bool unpack_layers;         /* unpack every layer for overlayfs while it downloads */
   char *containerd_address;   /* containerd's socket; "" = images are not handed to containerd */
   char *containerd_namespace; /* default namespace of the images handed over */
 } crimaged_config;

@@ -273,6 +273,9 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   r = open_handler_stores(d, &po, err);
   if (r < 0)
     return r;
+  /* Unpacked layers no image lists any more (a crash between unpacking and recording) go now. */
+  for (size_t i = 0; i < d->n_all_stores; i++)
+    store_sweep_layers(d->all_stores[i]);
 
   scheduler_options so;
   scheduler_options_init(&so);
@@ -316,6 +319,7 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       .n_handler_stores = d->n_handler_stores,
       .publisher = d->publisher,
       .containerd_namespace = d->cfg.containerd_namespace,
+      .unpack_layers = d->cfg.unpack_layers,
   };
   r = image_service_new(d->store, d->puller, &io, &d->images, err);
   if (r < 0)

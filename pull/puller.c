@@ -3,8 +3,10 @@
  * matches; a partial ingest left by a broken transfer (or a restart) is resumed with a Range request. Layers are
  * downloaded by a small pool of threads sharing one registry client, so connections are reused. */
 #include "pull/puller.h"
+#include "pull/unpack.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <string.h>
@@ -21,6 +23,7 @@
 #define PULL_BLOB_ATTEMPTS 3 /* tries per blob when the connection breaks; each resumes where the last stopped */
 #define PULL_MAX_CONCURRENT 16
 #define UNPACK_CHUNK (128 * 1024) /* inflate output per call, allocated once per layer */
+#define STORED_READ_CHUNK (1024 * 1024) /* a stored layer is read this much at a time to unpack it */
 
 struct puller {
   store *store;
@@ -288,9 +291,18 @@ typedef struct blob_task {
   const manifest_descriptor *desc;
   pull_job *job;
   store_ingest *ingest;
-  layer_check *check; /* NULL: no diff_id check */
+  layer_check *check; /* NULL: no diff_id check (or the unpacker checks it) */
+  unpack *unpack;     /* NULL: the layer is not unpacked in this pass */
   uint64_t base; /* ingest offset when the current request started */
 } blob_task;
+
+static void blob_task_drop_checks(blob_task *t)
+{
+  layer_check_free(t->check);
+  t->check = NULL;
+  unpack_abort(t->unpack);
+  t->unpack = NULL;
+}
 
 struct pull_job {
   puller *p;
@@ -334,13 +346,23 @@ static void task_progress(void *userdata, uint64_t received)
   emit(t->job->req, PULL_EVENT_BLOB_PROGRESS, t->desc->digest, t->base + received, (uint64_t) t->desc->size);
 }
 
+static int unpack_feed(void *userdata, const void *data, size_t len, crimage_error **err)
+{
+  return unpack_write(userdata, data, len, err);
+}
+
 static int sink_write(void *userdata, const void *data, size_t len, crimage_error **err)
 {
   blob_task *t = userdata;
   int r = store_ingest_write(t->ingest, data, len, err);
-  if (r < 0 || !t->check)
+  if (r < 0)
     return r;
-  return layer_check_feed(t->check, data, len, err);
+  /* The bytes go on to the unpacker (which inflates, hashes and extracts them) or to the diff_id check alone. */
+  if (t->unpack)
+    return unpack_write(t->unpack, data, len, err);
+  if (t->check)
+    return layer_check_feed(t->check, data, len, err);
+  return 0;
 }
 
 static int sink_restart(void *userdata, crimage_error **err)
@@ -349,7 +371,72 @@ static int sink_restart(void *userdata, crimage_error **err)
   t->base = 0;
   if (t->check)
     layer_check_reset(t->check);
+  if (t->unpack) {
+    int r = unpack_restart(t->unpack, err);
+    if (r < 0)
+      return r;
+  }
   return store_ingest_truncate(t->ingest, err);
+}
+
+/* Whether this layer is to be unpacked: the pull unpacks, the config names its diff_id, the unpacker reads its
+ * media type, and it is not unpacked yet. */
+static bool want_unpack(const pull_job *j, const manifest_descriptor *desc, const char *diff_id)
+{
+  unpack_compression c;
+  return j->req->unpack && diff_id && unpack_compression_of(desc->media_type, &c) == 0 &&
+         !store_layer_exists(j->p->store, diff_id);
+}
+
+/* Ends an unpack: the layer directory appears once its content hashes to diff_id. Another pull that unpacked the
+ * same layer meanwhile is as good. */
+static int unpack_complete(unpack *u, const char *diff_id, crimage_error **err)
+{
+  crimage_error *e = NULL;
+  int r = unpack_finish(u, diff_id, NULL, &e);
+  if (r < 0 && e->status == CRIMAGE_ALREADY_EXISTS) {
+    crimage_error_clear(&e);
+    return 0;
+  }
+  if (r < 0)
+    *err = e;
+  return r;
+}
+
+/* Unpacks a layer whose blob is stored already (pulled before unpacking was on, or by another image). */
+static int unpack_stored(pull_job *j, blob_task *t, const char *diff_id, crimage_error **err)
+{
+  store *s = j->p->store;
+  const manifest_descriptor *desc = t->desc;
+  cleanup_free char *dir = store_layer_path(s, diff_id);
+  cleanup_free char *path = store_blob_path(s, desc->digest);
+  cleanup_close int fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+  if (!dir || fd < 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "opening layer %s", desc->digest);
+  cleanup_unpack unpack *u = NULL;
+  int r = unpack_begin(dir, desc->media_type, NULL, &u, err);
+  if (r < 0)
+    return r;
+  cleanup_free uint8_t *buf = xmalloc(STORED_READ_CHUNK);
+  for (;;) {
+    if (job_cancelled(t))
+      return crimage_error_set(err, CRIMAGE_CANCELLED, ECANCELED, "unpacking layer %s: cancelled", desc->digest);
+    ssize_t n = read(fd, buf, STORED_READ_CHUNK);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "reading layer %s", desc->digest);
+    if (n == 0)
+      break;
+    r = unpack_write(u, buf, (size_t) n, err);
+    if (r < 0)
+      return crimage_error_wrap(err, "unpacking layer %s", desc->digest);
+  }
+  r = unpack_complete(TAKE_PTR(u), diff_id, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "unpacking layer %s", desc->digest);
+  log_debug("unpacked stored layer %s (%s)", desc->digest, diff_id);
+  return 0;
 }
 
 /* The diff_id check of one layer download, or NULL. A plain tar's diff_id is its digest: compared, not hashed. */
@@ -380,14 +467,23 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
 {
   store *s = j->p->store;
   uint64_t have = 0;
+  blob_task t = {.desc = desc, .job = j};
   if (store_blob_exists(s, desc->digest, &have)) {
-    emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, have, have);
-    return 0;
+    int r = want_unpack(j, desc, diff_id) ? unpack_stored(j, &t, diff_id, err) : 0;
+    if (r == 0)
+      emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, have, have);
+    return r;
   }
   emit(j->req, PULL_EVENT_BLOB_START, desc->digest, 0, (uint64_t) desc->size);
 
-  blob_task t = {.desc = desc, .job = j};
-  int r = blob_check_new(j, desc, diff_id, &t.check, err);
+  int r;
+  if (want_unpack(j, desc, diff_id)) {
+    /* Extracted in the same pass as it is written and hashed; the unpacker checks the diff_id itself. */
+    cleanup_free char *dir = store_layer_path(s, diff_id);
+    r = unpack_begin(dir, desc->media_type, NULL, &t.unpack, err);
+  } else {
+    r = blob_check_new(j, desc, j->p->check_diff_ids ? diff_id : NULL, &t.check, err);
+  }
   if (r < 0)
     return r;
   /* A pull of the same blob in progress elsewhere (another pull of this or another image sharing the layer) holds
@@ -395,25 +491,28 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
    * cancelled), then find the blob committed (-EEXIST), or, when that pull failed, resume from what it left. */
   r = store_ingest_begin_cancellable(s, desc->digest, desc->size, job_cancelled, &t, &t.ingest, err);
   if (r == -EEXIST) {
-    /* Another writer finished it while we waited for its lock. */
-    layer_check_free(t.check);
-    emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, (uint64_t) desc->size, (uint64_t) desc->size);
-    return 0;
-  }
-  if (r < 0) {
-    layer_check_free(t.check);
+    /* Another writer finished it while we waited for its lock (and unpacked it, if it unpacks). */
+    blob_task_drop_checks(&t);
+    r = want_unpack(j, desc, diff_id) ? unpack_stored(j, &t, diff_id, err) : 0;
+    if (r == 0)
+      emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, (uint64_t) desc->size, (uint64_t) desc->size);
     return r;
   }
-  if (t.check && store_ingest_offset(t.ingest) > 0) {
-    /* Resuming: the inflater catches up on the partial bytes first (read once; only on this path). */
+  if (r < 0) {
+    blob_task_drop_checks(&t);
+    return r;
+  }
+  if ((t.check || t.unpack) && store_ingest_offset(t.ingest) > 0) {
+    /* Resuming: the inflater (or unpacker) catches up on the partial bytes first (read once; only on this path). */
     cleanup_error crimage_error *e = NULL;
-    if (store_ingest_replay(t.ingest, layer_check_feed, t.check, &e) < 0) {
+    r = t.unpack ? store_ingest_replay(t.ingest, unpack_feed, t.unpack, &e)
+                 : store_ingest_replay(t.ingest, layer_check_feed, t.check, &e);
+    if (r < 0) {
       log_info("partial layer %s: %s; downloading it again", desc->digest, e->message);
-      layer_check_reset(t.check);
-      r = store_ingest_truncate(t.ingest, err);
+      r = sink_restart(&t, err);
       if (r < 0) {
         store_ingest_abort(t.ingest, false);
-        layer_check_free(t.check);
+        blob_task_drop_checks(&t);
         return r;
       }
     }
@@ -436,21 +535,22 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
     if (!retry) {
       /* Keep what arrived for a later pull to resume from, unless it is known bad. */
       store_ingest_abort(t.ingest, !(e && e->status == CRIMAGE_DATA_LOSS));
-      layer_check_free(t.check);
+      blob_task_drop_checks(&t);
       if (err && !*err)
         *err = TAKE_PTR(e);
       return r;
     }
     log_info("registry %s: blob %s: %s; retrying", registry_repo_host(j->repo), desc->digest, e->message);
   }
-  if (t.check) {
-    /* Before the commit: a layer whose content is not what the config says never becomes visible. */
+  /* Before the commit: a layer whose content is not what the config says never becomes visible. */
+  if (t.check)
     r = layer_check_finish(t.check, err);
-    layer_check_free(t.check);
-    if (r < 0) {
-      store_ingest_abort(t.ingest, false);
-      return crimage_error_wrap(err, "registry %s: layer %s", registry_repo_host(j->repo), desc->digest);
-    }
+  else if (t.unpack)
+    r = unpack_complete(TAKE_PTR(t.unpack), diff_id, err);
+  blob_task_drop_checks(&t);
+  if (r < 0) {
+    store_ingest_abort(t.ingest, false);
+    return crimage_error_wrap(err, "registry %s: layer %s", registry_repo_host(j->repo), desc->digest);
   }
   r = store_ingest_commit(t.ingest, err);
   if (r < 0)
@@ -569,25 +669,34 @@ static int fetch_manifest(registry_repo *repo, const pull_request *req, const ch
   return 0;
 }
 
-static bool image_blobs_present(puller *p, const store_image *img)
+/* Everything of the stored image a pull would produce is there: its blobs and, when the pull unpacks, its
+ * unpacked layers (a record from before unpacking was on knows no diff_ids: the full pull path fills them in). */
+static bool image_complete(puller *p, const pull_request *req, const store_image *img)
 {
   if (!store_blob_exists(p->store, img->manifest_digest, NULL) || !store_blob_exists(p->store, img->id, NULL))
     return false;
   for (char **l = img->layers; l && *l; l++)
     if (!store_blob_exists(p->store, *l, NULL))
       return false;
+  if (!req->unpack)
+    return true;
+  if (strv_length(img->diff_ids) != strv_length(img->layers))
+    return false;
+  for (char **d = img->diff_ids; *d; d++)
+    if (!store_layer_exists(p->store, *d))
+      return false;
   return true;
 }
 
 /* The stored image when it is already recorded for this handler with the same manifest and all its blobs. */
-static store_image *already_stored(puller *p, const char *handler, const char *config_digest,
-                                   const char *manifest_digest)
+static store_image *already_stored(puller *p, const pull_request *req, const char *handler,
+                                   const char *config_digest, const char *manifest_digest)
 {
   cleanup_store_image store_image *img = NULL;
   cleanup_error crimage_error *e = NULL;
   if (store_find_image(p->store, handler, config_digest, &img, &e) <= 0)
     return NULL;
-  if (!streq_ptr(img->manifest_digest, manifest_digest) || !image_blobs_present(p, img))
+  if (!streq_ptr(img->manifest_digest, manifest_digest) || !image_complete(p, req, img))
     return NULL;
   return TAKE_PTR(img);
 }
@@ -625,7 +734,7 @@ static int try_unchanged(puller *p, const pull_request *req, registry_repo *repo
     return 0;
   }
   cleanup_free char *pulled_as = xasprintf("%s@%s", name, digest);
-  if (!strv_contains(img->repo_digests, pulled_as) || !image_blobs_present(p, img))
+  if (!strv_contains(img->repo_digests, pulled_as) || !image_complete(p, req, img))
     return 0;
   emit(req, PULL_EVENT_RESOLVED, NULL, 0, img->size);
   res->image_id = xstrdup(img->id);
@@ -722,11 +831,14 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
     total += (uint64_t) m->layers[i].size;
   emit(req, PULL_EVENT_RESOLVED, NULL, 0, total);
 
-  cleanup_store_image store_image *stored = already_stored(p, handler, m->config.digest, manifest_digest);
+  cleanup_store_image store_image *stored = already_stored(p, req, handler, m->config.digest, manifest_digest);
   bool unchanged = stored != NULL;
   cleanup_free char *user = NULL;
+  cleanup_strv char **diff_ids = NULL;
   if (unchanged) {
     user = xstrdup(stored->user ? stored->user : "");
+    if (stored->diff_ids && stored->diff_ids[0])
+      diff_ids = strv_copy(stored->diff_ids);
   } else {
     r = store_blob_put(p->store, manifest_digest, st->body, st->body_len, err);
     if (r < 0)
@@ -735,7 +847,6 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
     pthread_mutex_init(&j.lock, NULL);
     /* The config first: its diff_ids are what the layers are checked against. */
     r = download_blob(&j, &m->config, NULL, err);
-    cleanup_strv char **diff_ids = NULL;
     if (r == 0) {
       cleanup_free char *cfg = NULL;
       size_t cfg_len = 0;
@@ -751,7 +862,7 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
       j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));
       for (size_t i = 0; i < m->n_layers; i++)
         j.blobs[i] = &m->layers[i];
-      j.diff_ids = p->check_diff_ids ? (const char **) diff_ids : NULL;
+      j.diff_ids = (const char **) diff_ids;
       r = download_all(&j, err);
       free(j.blobs);
     }
@@ -773,6 +884,7 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
       .manifest_size = st->body_len,
       .config_digest = m->config.digest,
       .layers = layers,
+      .diff_ids = (const char *const *) diff_ids,
       .size = total,
       .user = user,
       .platform = from_index ? want_str : "",

@@ -61,6 +61,7 @@ typedef struct pull_request {
   const char *handler;       /* "" = default */
   const platform *platform;  /* the platform to select from an index */
   const credential *cred;    /* NULL = anonymous */
+  bool unpack;               /* also unpack every layer for overlayfs (store_layer_path), in the download pass */
   /* Polled during transfers; returning true stops the pull with CANCELLED. May be NULL. */
   bool (*cancelled)(void *userdata);
   /* Progress callbacks, called from transfer threads. May be NULL. */

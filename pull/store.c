@@ -20,6 +20,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "pull/store.h"
+#include "pull/unpack.h"
 
 #define INDEX_MAX_SIZE ((size_t) 64 << 20)
 #define RECORD_MAX_LAYERS 4096
@@ -44,6 +45,7 @@
 #define PLATFORM_MAX_LEN 100
 #define ANN_CREATED "io.crimage.created"
 #define ANN_LAYERS "io.crimage.layers"
+#define ANN_DIFF_IDS "io.crimage.diff-ids"
 
 typedef struct record {
   char *handler;
@@ -53,7 +55,8 @@ typedef struct record {
   uint64_t manifest_size;
   char **repo_tags;    /* never NULL */
   char **repo_digests; /* never NULL */
-  char **layers;       /* never NULL */
+  char **layers;
+  char **diff_ids; /* NULL-terminated, possibly empty */       /* never NULL */
   uint64_t size;
   char *user;
   char *platform; /* what an index was resolved for, "" for a lone manifest, NULL unknown */
@@ -78,7 +81,19 @@ struct store {
   /* Pulls in progress (store_hold) and the blobs whose deletion waits for them; both guarded by write_lock. */
   unsigned holds;
   char **deferred_gc;
+  char *layers_dir; /* <root>/layers/sha256 */
+  store_layer_keeper_fn keeper;
+  void *keeper_userdata;
+  /* Usage of each unpacked layer, measured once (a walk of a big layer is expensive and ImageFsInfo is frequent). */
+  pthread_mutex_t usage_lock;
+  struct layer_usage *usage;
 };
+
+typedef struct layer_usage {
+  struct layer_usage *next;
+  char *diff_id;
+  uint64_t bytes, inodes;
+} layer_usage;
 
 struct store_ingest {
   store *s;
@@ -105,6 +120,7 @@ static void record_free(record *r)
   strv_free(r->repo_tags);
   strv_free(r->repo_digests);
   strv_free(r->layers);
+  strv_free(r->diff_ids);
   free(r->user);
   free(r->platform);
   free(r);
@@ -121,6 +137,7 @@ static record *record_copy(const record *r)
   c->repo_tags = strv_copy(r->repo_tags);
   c->repo_digests = strv_copy(r->repo_digests);
   c->layers = strv_copy(r->layers);
+  c->diff_ids = strv_copy(r->diff_ids);
   c->size = r->size;
   c->user = xstrdup(r->user);
   c->platform = r->platform ? xstrdup(r->platform) : NULL;
@@ -161,9 +178,11 @@ static record *record_set_find_id(const record_set *set, const char *handler, co
   return NULL;
 }
 
+/* Whether r needs the blob, or the unpacked layer, named digest. */
 static bool record_references(const record *r, const char *digest)
 {
-  return streq(r->manifest_digest, digest) || streq(r->id, digest) || strv_contains(r->layers, digest);
+  return streq(r->manifest_digest, digest) || streq(r->id, digest) || strv_contains(r->layers, digest) ||
+         strv_contains(r->diff_ids, digest);
 }
 
 static bool record_set_references(const record_set *set, const char *digest)
@@ -184,6 +203,7 @@ static store_image *record_to_image(const record *r)
   img->repo_tags = strv_copy(r->repo_tags);
   img->repo_digests = strv_copy(r->repo_digests);
   img->layers = strv_copy(r->layers);
+  img->diff_ids = strv_copy(r->diff_ids);
   img->size = r->size;
   img->user = xstrdup(r->user);
   img->platform = r->platform ? xstrdup(r->platform) : NULL;
@@ -203,6 +223,7 @@ void store_image_free(store_image *img)
   strv_free(img->repo_tags);
   strv_free(img->repo_digests);
   strv_free(img->layers);
+  strv_free(img->diff_ids);
   free(img->user);
   free(img->platform);
   free(img);
@@ -220,6 +241,31 @@ void store_image_list_free(store_image **list, size_t n)
 /* ---- paths ---- */
 
 const char *store_root(const store *s) { return s->root; }
+
+const char *store_layers_dir(const store *s) { return s->layers_dir; }
+
+char *store_layer_path(store *s, const char *diff_id)
+{
+  /* Only sha256 layers are unpacked: the directory holding them is created for that algorithm alone. */
+  if (!digest_valid(diff_id) || !str_has_prefix(diff_id, "sha256:"))
+    return NULL;
+  return xasprintf("%s/%s", s->layers_dir, digest_hex(diff_id));
+}
+
+bool store_layer_exists(store *s, const char *diff_id)
+{
+  cleanup_free char *dir = store_layer_path(s, diff_id);
+  struct stat st;
+  return dir && lstat(dir, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+void store_set_layer_keeper(store *s, store_layer_keeper_fn fn, void *userdata)
+{
+  pthread_mutex_lock(&s->write_lock);
+  s->keeper = fn;
+  s->keeper_userdata = userdata;
+  pthread_mutex_unlock(&s->write_lock);
+}
 
 /* "sha256:<hex>" -> "<root>/blobs/sha256/<hex>"; the digest must be valid (it becomes a path). */
 static char *blob_path(const store *s, const char *digest)
@@ -548,6 +594,20 @@ static void ann_add(json_object *ann, const char *key, const char *value)
   json_object_object_add(ann, key, json_object_new_string(value));
 }
 
+/* "a,b,c" of a digest list (what parse_layers reads back). */
+static char *join_digests(char *const *v)
+{
+  size_t total = 1;
+  for (char *const *l = v; *l; l++)
+    total += strlen(*l) + 1;
+  char *out = xmalloc(total);
+  size_t off = 0;
+  for (char *const *l = v; *l; l++)
+    off += (size_t) sprintf(out + off, "%s%s", off ? "," : "", *l);
+  out[off] = '\0';
+  return out;
+}
+
 /* One descriptor for name (ref_name for a tag, else NULL) of record r. */
 static json_object *descriptor_new(const record *r, const char *ref_name, const char *name, const char *repo_digest)
 {
@@ -572,15 +632,12 @@ static json_object *descriptor_new(const record *r, const char *ref_name, const 
     ann_add(ann, ANN_PLATFORM, r->platform);
   snprintf(num, sizeof(num), "%" PRId64, r->created_ns);
   ann_add(ann, ANN_CREATED, num);
-  size_t total = 1;
-  for (char **l = r->layers; *l; l++)
-    total += strlen(*l) + 1;
-  cleanup_free char *layers = xmalloc(total);
-  size_t off = 0;
-  for (char **l = r->layers; *l; l++)
-    off += (size_t) sprintf(layers + off, "%s%s", off ? "," : "", *l);
-  layers[off] = '\0';
+  cleanup_free char *layers = join_digests(r->layers);
   ann_add(ann, ANN_LAYERS, layers);
+  if (r->diff_ids[0]) {
+    cleanup_free char *diff_ids = join_digests(r->diff_ids);
+    ann_add(ann, ANN_DIFF_IDS, diff_ids);
+  }
   json_object_object_add(desc, "annotations", ann);
   return desc;
 }
@@ -710,6 +767,7 @@ static bool load_descriptor(record_set *set, json_object *desc, const char **ret
   const char *user = json_get_string(ann, ANN_USER);
   const char *plat = json_get_string(ann, ANN_PLATFORM);
   const char *layers_s = json_get_string(ann, ANN_LAYERS);
+  const char *diff_ids_s = json_get_string(ann, ANN_DIFF_IDS);
   uint64_t size, created;
   if (!string_ok(handler, HANDLER_MAX_LEN) || !digest_valid(id)) {
     *ret_reason = "missing or bad " ANN_HANDLER " / " ANN_ID;
@@ -738,6 +796,12 @@ static bool load_descriptor(record_set *set, json_object *desc, const char **ret
     *ret_reason = "bad " ANN_LAYERS;
     return false;
   }
+  /* Optional: records written before diff_ids were kept have none. */
+  cleanup_strv char **diff_ids = parse_layers(diff_ids_s ? diff_ids_s : "");
+  if (!diff_ids || (diff_ids[0] && strv_length(diff_ids) != strv_length(layers))) {
+    *ret_reason = "bad " ANN_DIFF_IDS;
+    return false;
+  }
 
   record *r = record_set_find_id(set, handler, id);
   if (!r) {
@@ -750,6 +814,7 @@ static bool load_descriptor(record_set *set, json_object *desc, const char **ret
     r->repo_tags = xcalloc(1, sizeof(char *));
     r->repo_digests = xcalloc(1, sizeof(char *));
     r->layers = TAKE_PTR(layers);
+    r->diff_ids = TAKE_PTR(diff_ids);
     r->size = size;
     r->user = xstrdup(user);
     r->platform = plat ? xstrdup(plat) : NULL;
@@ -838,13 +903,44 @@ static int index_load(store *s, bool *ret_dirty, crimage_error **err)
 
 /* ---- garbage collection ---- */
 
-/* Deletes the blobs among candidates that no record of set references. Called with write_lock held. */
+/* Deletes the unpacked layer of diff_id unless it is absent or the keeper still uses it. Called with write_lock
+ * held. */
+static void layer_delete(store *s, const char *diff_id)
+{
+  cleanup_free char *dir = store_layer_path(s, diff_id);
+  if (!dir || access(dir, F_OK) < 0)
+    return;
+  if (s->keeper && s->keeper(s->keeper_userdata, dir)) {
+    log_debug("keeping layer %s: still in use", diff_id);
+    return;
+  }
+  int r = rm_tree_at(AT_FDCWD, dir);
+  if (r < 0) {
+    log_warn("cannot delete layer %s: %s", diff_id, strerror(-r));
+    return;
+  }
+  log_debug("deleted layer %s", diff_id);
+  pthread_mutex_lock(&s->usage_lock);
+  for (layer_usage **up = &s->usage; *up; up = &(*up)->next)
+    if (streq((*up)->diff_id, diff_id)) {
+      layer_usage *u = *up;
+      *up = u->next;
+      free(u->diff_id);
+      free(u);
+      break;
+    }
+  pthread_mutex_unlock(&s->usage_lock);
+}
+
+/* Deletes the blobs (and unpacked layers) among candidates that no record of set references. Called with
+ * write_lock held. */
 static void gc_candidates(store *s, const record_set *set, char *const *candidates)
 {
   bool deleted = false;
   for (size_t i = 0; candidates[i]; i++) {
     if (!digest_valid(candidates[i]) || record_set_references(set, candidates[i]))
       continue;
+    layer_delete(s, candidates[i]);
     cleanup_free char *path = blob_path(s, candidates[i]);
     if (unlink(path) < 0) {
       if (errno != ENOENT)
@@ -893,6 +989,8 @@ void store_release(store *s)
 static char **record_blobs(const record *r)
 {
   char **v = strv_copy(r->layers);
+  for (char **d = r->diff_ids; *d; d++)
+    strv_add_unique(&v, *d);
   strv_add_unique(&v, r->manifest_digest);
   strv_add_unique(&v, r->id);
   return v;
@@ -928,6 +1026,37 @@ static void sweep_unreferenced(store *s)
   }
   if (deleted > 0)
     log_info("deleted %zu blobs no image references", deleted);
+
+  /* Unpacks a crash interrupted left temporary directories; unreferenced layers wait for store_sweep_layers,
+   * which knows what else uses them. */
+  cleanup_error crimage_error *e = NULL;
+  if (unpack_remove_stale(s->layers_dir, &e) < 0)
+    log_warn("%s", e->message);
+}
+
+void store_sweep_layers(store *s)
+{
+  pthread_mutex_lock(&s->write_lock);
+  DIR *d = s->holds == 0 ? opendir(s->layers_dir) : NULL;
+  size_t deleted = 0;
+  struct dirent *de;
+  while (d && (de = readdir(d))) {
+    if (de->d_name[0] == '.')
+      continue;
+    cleanup_free char *diff_id = xasprintf("sha256:%s", de->d_name);
+    if (!digest_valid(diff_id) || record_set_references(&s->recs, diff_id))
+      continue;
+    cleanup_free char *dir = store_layer_path(s, diff_id);
+    bool existed = access(dir, F_OK) == 0;
+    layer_delete(s, diff_id);
+    if (existed && access(dir, F_OK) < 0)
+      deleted++;
+  }
+  if (d)
+    closedir(d);
+  pthread_mutex_unlock(&s->write_lock);
+  if (deleted > 0)
+    log_info("deleted %zu unpacked layers no image references", deleted);
 }
 
 /* Removes temporary files of interrupted atomic writes, and ingest files whose name is not a digest. */
@@ -977,7 +1106,9 @@ int store_open(const char *root, store **ret, crimage_error **err)
   s->root = real;
   s->index_path = xasprintf("%s/index.json", real);
   s->ingest_dir = xasprintf("%s/ingest", real);
+  s->layers_dir = xasprintf("%s/layers/sha256", real);
   pthread_mutex_init(&s->write_lock, NULL);
+  pthread_mutex_init(&s->usage_lock, NULL);
   pthread_rwlock_init(&s->lock, NULL);
 
   cleanup_free char *sha256_dir = xasprintf("%s/blobs/sha256", real);
@@ -986,6 +1117,8 @@ int store_open(const char *root, store **ret, crimage_error **err)
   r = mkdir_p(sha256_dir, 0700, err);
   if (r == 0)
     r = mkdir_p(s->ingest_dir, 0700, err);
+  if (r == 0)
+    r = mkdir_p(s->layers_dir, 0700, err);
   if (r == 0 && access(layout, F_OK) < 0) {
     static const char content[] = "{\"imageLayoutVersion\":\"1.0.0\"}";
     r = write_file_atomic(layout, content, sizeof(content) - 1, 0644, err);
@@ -1012,8 +1145,16 @@ void store_close(store *s)
     return;
   record_set_clear(&s->recs);
   strv_free(s->deferred_gc);
+  while (s->usage) {
+    layer_usage *u = s->usage;
+    s->usage = u->next;
+    free(u->diff_id);
+    free(u);
+  }
   pthread_rwlock_destroy(&s->lock);
   pthread_mutex_destroy(&s->write_lock);
+  pthread_mutex_destroy(&s->usage_lock);
+  free(s->layers_dir);
   free(s->root);
   free(s->index_path);
   free(s->ingest_dir);
@@ -1068,12 +1209,28 @@ static int validate_record(const store_record *rec, crimage_error **err)
   if (n > RECORD_MAX_LAYERS)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, E2BIG, "too many layers (%zu, at most %d)", n,
                              RECORD_MAX_LAYERS);
+  size_t n_diff = 0;
+  for (const char *const *d = rec->diff_ids; d && *d; d++, n_diff++)
+    if (!digest_valid(*d))
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid diff_id");
+  if (rec->diff_ids && n_diff != n)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "%zu diff_ids for %zu layers", n_diff, n);
   return 0;
 }
 
 /* True when recording rec would leave the records as they are: the image is there for handler with the same
  * manifest, layers, size and user, and already carries both names. Names are unique per handler (recording takes a
  * name away from any other image), so no other record needs a look. Called with write_lock held. */
+/* Two digest lists (NULL: empty) hold the same entries in the same order. */
+static bool digests_equal(char *const *a, const char *const *b)
+{
+  size_t i = 0;
+  for (; b && b[i]; i++)
+    if (!a[i] || !streq(a[i], b[i]))
+      return false;
+  return a[i] == NULL;
+}
+
 static bool record_unchanged(const record_set *set, const store_record *rec, const char *handler,
                              const char *tag_name, const char *digest_name)
 {
@@ -1086,11 +1243,7 @@ static bool record_unchanged(const record_set *set, const store_record *rec, con
   if ((tag_name && !strv_contains(cur->repo_tags, tag_name)) ||
       (digest_name && !strv_contains(cur->repo_digests, digest_name)))
     return false;
-  size_t i = 0;
-  for (; rec->layers && rec->layers[i]; i++)
-    if (!cur->layers[i] || !streq(cur->layers[i], rec->layers[i]))
-      return false;
-  return cur->layers[i] == NULL;
+  return digests_equal(cur->layers, rec->layers) && digests_equal(cur->diff_ids, rec->diff_ids);
 }
 
 int store_record_image(store *s, const store_record *rec, crimage_error **err)
@@ -1152,6 +1305,8 @@ int store_record_image(store *s, const store_record *rec, crimage_error **err)
     }
     for (char **l = cur->layers; *l; l++)
       strv_add_unique(&garbage, *l);
+    for (char **d = cur->diff_ids; *d; d++)
+      strv_add_unique(&garbage, *d);
   } else {
     cur = xcalloc(1, sizeof(*cur));
     cur->handler = xstrdup(handler);
@@ -1168,6 +1323,11 @@ int store_record_image(store *s, const store_record *rec, crimage_error **err)
   cur->manifest_size = rec->manifest_size;
   strv_free(cur->layers);
   cur->layers = strv_copy((char *const *) rec->layers);
+  /* Diff_ids a pull did not learn (an older record's) stay unknown rather than become wrong. */
+  if (rec->diff_ids || !cur->diff_ids) {
+    strv_free(cur->diff_ids);
+    cur->diff_ids = rec->diff_ids ? strv_copy((char *const *) rec->diff_ids) : xcalloc(1, sizeof(char *));
+  }
   cur->size = rec->size;
   free(cur->user);
   cur->user = xstrdup(rec->user ? rec->user : "");
@@ -1297,6 +1457,45 @@ int store_remove_image(store *s, const char *handler, const char *id, crimage_er
 
 /* Sums st_blocks * 512 (the space really allocated, as `du` reports) and counts inodes below dirfd. Files that
  * vanish during the walk (a concurrent GC or commit) are skipped. */
+/* Adds the usage of every unpacked layer: measured (with unpack_dir_usage, which counts hard links once and has no
+ * depth limit) the first time a layer is seen, remembered until it is deleted. */
+static void layers_usage(store *s, uint64_t *bytes, uint64_t *inodes)
+{
+  *inodes += 2; /* layers/ and layers/sha256/ */
+  DIR *d = opendir(s->layers_dir);
+  if (!d)
+    return;
+  struct dirent *de;
+  while ((de = readdir(d))) {
+    if (de->d_name[0] == '.')
+      continue; /* an unpack in progress is counted once it is done */
+    cleanup_free char *diff_id = xasprintf("sha256:%s", de->d_name);
+    pthread_mutex_lock(&s->usage_lock);
+    layer_usage *u = s->usage;
+    while (u && !streq(u->diff_id, diff_id))
+      u = u->next;
+    pthread_mutex_unlock(&s->usage_lock);
+    if (!u) {
+      uint64_t b = 0, n = 0;
+      cleanup_free char *dir = xasprintf("%s/%s", s->layers_dir, de->d_name);
+      cleanup_error crimage_error *e = NULL;
+      if (unpack_dir_usage(dir, &b, &n, &e) < 0)
+        continue;
+      u = xcalloc(1, sizeof(*u));
+      u->diff_id = TAKE_PTR(diff_id);
+      u->bytes = b;
+      u->inodes = n;
+      pthread_mutex_lock(&s->usage_lock);
+      u->next = s->usage;
+      s->usage = u;
+      pthread_mutex_unlock(&s->usage_lock);
+    }
+    *bytes += u->bytes;
+    *inodes += u->inodes;
+  }
+  closedir(d);
+}
+
 static void usage_walk(int dfd, unsigned depth, uint64_t *bytes, uint64_t *inodes)
 {
   if (depth > 16) {
@@ -1311,6 +1510,9 @@ static void usage_walk(int dfd, unsigned depth, uint64_t *bytes, uint64_t *inode
   struct dirent *de;
   while ((de = readdir(d))) {
     if (streq(de->d_name, ".") || streq(de->d_name, ".."))
+      continue;
+    /* The unpacked layers are counted by layers_usage, each measured once. */
+    if (depth == 0 && streq(de->d_name, "layers"))
       continue;
     struct stat st;
     if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
@@ -1387,6 +1589,7 @@ int store_get_usage(store *s, store_usage *ret, crimage_error **err)
   }
   uint64_t bytes = (uint64_t) st.st_blocks * 512, inodes = 1;
   usage_walk(fd, 0, &bytes, &inodes);
+  layers_usage(s, &bytes, &inodes);
   ret->mountpoint = find_mountpoint(s->root);
   ret->used_bytes = bytes;
   ret->inodes_used = inodes;

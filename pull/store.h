@@ -21,6 +21,8 @@ typedef struct store_image {
   char **repo_tags;    /* NULL-terminated; normalized "name:tag" */
   char **repo_digests; /* NULL-terminated; "name@<digest pulled>" (the index or manifest digest) */
   char **layers;       /* NULL-terminated layer digests, in order */
+  char **diff_ids;     /* NULL-terminated uncompressed digests of the layers (the config's rootfs.diff_ids); empty
+                          for records made before they were kept */
   uint64_t size;       /* manifest + config + layers, as stored */
   char *user;          /* Config.User of the image config, "" if none */
   char *platform;      /* "os/arch[/variant]" an index was resolved for, "" for a lone manifest, NULL unknown */
@@ -85,6 +87,8 @@ typedef struct store_record {
   uint64_t manifest_size;
   const char *config_digest; /* = image id */
   const char *const *layers; /* NULL-terminated */
+  const char *const *diff_ids; /* NULL-terminated, one per layer; NULL = not known. The unpacked layer directories
+                                  of these stay as long as the record does */
   uint64_t size;             /* total bytes of manifest + config + layers */
   const char *user;
   /* The platform (platform_string of the normalized request) an index was resolved for; "" when the reference named
@@ -108,6 +112,24 @@ int store_list_images(store *s, const char *handler, store_image ***ret, size_t 
 /* Removes the record (id) for handler with all its names, then deletes blobs no remaining record references.
  * Returns 0 also when absent (idempotent). */
 int store_remove_image(store *s, const char *handler, const char *id, crimage_error **err);
+
+/* ---- unpacked layers ----
+ * A layer unpacked for overlayfs lives in <root>/layers/<alg>/<hex of its diff_id>, shared by every image (of any
+ * handler) whose record lists that diff_id, and removed with the last of them, unless a keeper still uses it. */
+
+/* The directory of the layer with this diff_id (caller frees); NULL for an invalid digest. */
+char *store_layer_path(store *s, const char *diff_id);
+/* The directory holding the layer directories of one algorithm (<root>/layers/sha256), created at open. */
+const char *store_layers_dir(const store *s);
+bool store_layer_exists(store *s, const char *diff_id);
+/* A keeper says whether a layer directory is still in use outside the records (a snapshot containerd has): such a
+ * layer is not deleted when its last record goes. Called with the store's write lock held: it must not call back
+ * into the store. */
+typedef bool (*store_layer_keeper_fn)(void *userdata, const char *dir);
+void store_set_layer_keeper(store *s, store_layer_keeper_fn fn, void *userdata);
+/* Deletes the unpacked layers no record lists and no keeper uses (left by a crash between unpacking and recording,
+ * or by a removal while a keeper still used them). Call it once the keeper is set. */
+void store_sweep_layers(store *s);
 
 /* A pull holds the store from before it checks which blobs are present until it has recorded the image (or
  * failed). While any hold is active the blob deletions of store_remove_image (and of a re-record) are deferred to
