@@ -6,8 +6,8 @@
  * stays empty) and nothing left behind. Needs root (owners, devices, trusted.* xattrs), as the daemon does. */
 #include <dirent.h>
 #include <errno.h>
-#include <locale.h>
 #include <fcntl.h>
+#include <locale.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -40,10 +40,10 @@
 #define MTIME_NSEC 123456789
 
 typedef struct fixture {
-  char *top;    /* /tmp/test-unpack-XXXXXX */
-  char *layers; /* top/layers: the parent of the layer directories */
-  char *canary; /* top/canary: must stay empty */
-  char *layer;  /* top/layers/L */
+  char *top;            /* /tmp/test-unpack-XXXXXX */
+  char *layers;         /* top/layers: the parent of the layer directories */
+  char *canary;         /* top/canary: must stay empty */
+  char *layer;          /* top/layers/L */
   const char *top_want; /* what top holds: "canary layers" unless a test puts something there */
   bool walk_only;       /* resolve with the O_NOFOLLOW walk instead of openat2 */
 } fixture;
@@ -122,8 +122,7 @@ static void tar_begin_fmt(tarb *t, bool ustar)
   dynbuf_init(&t->buf, 256u << 20);
   t->a = archive_write_new();
   assert_non_null(t->a);
-  assert_int_equal(ustar ? archive_write_set_format_ustar(t->a) : archive_write_set_format_pax(t->a),
-                   ARCHIVE_OK);
+  assert_int_equal(ustar ? archive_write_set_format_ustar(t->a) : archive_write_set_format_pax(t->a), ARCHIVE_OK);
   /* no blocking: every header and data write reaches the buffer at once (the lazy generators read it) */
   assert_int_equal(archive_write_set_bytes_per_block(t->a, 0), ARCHIVE_OK);
   assert_int_equal(archive_write_open(t->a, t, NULL, tar_out, NULL), ARCHIVE_OK);
@@ -238,8 +237,8 @@ static int feed(unpack *u, const void *data, size_t len, size_t chunk, crimage_e
 }
 
 /* Unpacks blob into dir; returns the result and the error (caller frees) in *ret_err; diff_id optional. */
-static int unpack_blob(const char *dir, const char *media_type, const unpack_limits *lim, const void *blob,
-                       size_t len, size_t chunk, char *diff_id, crimage_error **ret_err)
+static int unpack_blob(const char *dir, const char *media_type, const unpack_limits *lim, const void *blob, size_t len,
+                       size_t chunk, char *diff_id, crimage_error **ret_err)
 {
   unpack *u = NULL;
   int r = unpack_begin(dir, media_type, lim, &u, ret_err);
@@ -353,8 +352,8 @@ static void check_nothing_outside(const fixture *f, const char *want_layers)
 }
 
 /* Unpacks a layer that must be refused; the error must contain want. */
-static void check_refused(fixture *f, const char *media_type, const unpack_limits *lim, const char *tar,
-                          size_t tar_len, const char *want)
+static void check_refused(fixture *f, const char *media_type, const unpack_limits *lim, const char *tar, size_t tar_len,
+                          const char *want)
 {
   size_t blob_len;
   cleanup_free char *blob = compress_as(media_type, tar, tar_len, &blob_len);
@@ -383,15 +382,29 @@ static const tar_ent full_layer[] = {
     {.name = "./usr/bin/", .type = AE_IFDIR, .perm = 0755},
     {.name = "./usr/bin/su", .data = "#!/bin/true\n", .perm = 04755},
     {.name = "./usr/bin/wall", .data = "wall\n", .perm = 02755, .gid = 5},
-    {.name = "./usr/bin/ping", .data = "ping\n", .perm = 0755, .xattr2 = "security.capability",
-     .xattr2_value = capability, .xattr2_len = sizeof(capability)},
+    {.name = "./usr/bin/ping",
+     .data = "ping\n",
+     .perm = 0755,
+     .xattr2 = "security.capability",
+     .xattr2_value = capability,
+     .xattr2_len = sizeof(capability)},
     {.name = "./usr/bin/[", .hardlink = "./usr/bin/su"},
     {.name = "./usr/bin/sh", .type = AE_IFLNK, .symlink = "/bin/busybox"},
     {.name = "./usr/lib", .type = AE_IFLNK, .symlink = "../lib"},
     {.name = "./tmp/", .type = AE_IFDIR, .perm = 01777},
-    {.name = "./srv/", .type = AE_IFDIR, .perm = 02775, .uid = 1000, .gid = 1000, .xattr = "user.dir",
+    {.name = "./srv/",
+     .type = AE_IFDIR,
+     .perm = 02775,
+     .uid = 1000,
+     .gid = 1000,
+     .xattr = "user.dir",
      .xattr_value = "d"},
-    {.name = "./srv/data", .data = "data", .perm = 0600, .uid = 1000, .gid = 1001, .xattr = "user.mime",
+    {.name = "./srv/data",
+     .data = "data",
+     .perm = 0600,
+     .uid = 1000,
+     .gid = 1001,
+     .xattr = "user.mime",
      .xattr_value = "text/plain"},
     {.name = "./srv/empty", .data = "", .perm = 0444},
     {.name = "./dev/", .type = AE_IFDIR},
@@ -556,8 +569,13 @@ static void test_overlay_xattrs_dropped(void **state)
   fixture *f = *state;
   tar_ent ents[] = {
       {.name = "d/", .type = AE_IFDIR, .xattr = "trusted.overlay.redirect", .xattr_value = "/etc"},
-      {.name = "f", .data = "x", .xattr = "trusted.overlay.metacopy", .xattr_value = "", .xattr2 = "user.keep",
-       .xattr2_value = "1", .xattr2_len = 1},
+      {.name = "f",
+       .data = "x",
+       .xattr = "trusted.overlay.metacopy",
+       .xattr_value = "",
+       .xattr2 = "user.keep",
+       .xattr2_value = "1",
+       .xattr2_len = 1},
       {.name = "o/", .type = AE_IFDIR, .xattr = "trusted.overlay.opaque", .xattr_value = "y"},
   };
   size_t tar_len;
@@ -676,13 +694,9 @@ static void test_hardlink_escapes(void **state)
   struct {
     const char *target, *want;
   } cases[] = {
-      {"../secret", "outside the layer"},
-      {"../../secret", "outside the layer"},
-      {"../L/x", "outside the layer"},
+      {"../secret", "outside the layer"}, {"../../secret", "outside the layer"},     {"../L/x", "outside the layer"},
       {outside, "not in the layer"}, /* an absolute name is taken inside the layer, where it is not */
-      {"missing", "not in the layer"},
-      {"link/passwd", "goes through a symlink"},
-      {"dir", "hard link to directory"},
+      {"missing", "not in the layer"},    {"link/passwd", "goes through a symlink"}, {"dir", "hard link to directory"},
   };
   for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
     tar_ent ents[] = {
