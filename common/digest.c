@@ -91,3 +91,17 @@ const char *digest_hex(const char *digest)
   const char *c = strchr(digest, ':');
   return c ? c + 1 : digest;
 }
+
+void digest_chain_id(const char *parent_chain, const char *diff_id, char *out)
+{
+  if (!parent_chain || !*parent_chain) {
+    snprintf(out, DIGEST_MAX_LEN + 1, "%s", diff_id);
+    return;
+  }
+  digester *d = digester_new("sha256");
+  digester_update(d, parent_chain, strlen(parent_chain));
+  digester_update(d, " ", 1);
+  digester_update(d, diff_id, strlen(diff_id));
+  digester_final(d, out);
+  digester_free(d);
+}

@@ -22,6 +22,9 @@ static inline void digester_freep(digester **d) { digester_free(*d); }
 bool digest_valid(const char *digest);
 /* One-shot sha256 of a buffer. */
 void digest_sha256(const void *data, size_t len, char *out);
+/* The OCI chain ID of a layer on top of parent_chain (NULL or "" for a base layer, whose chain ID is its diff_id):
+ * sha256 of "<parent chain> <diff_id>". Writes DIGEST_MAX_LEN + 1 bytes at most into out. */
+void digest_chain_id(const char *parent_chain, const char *diff_id, char *out);
 /* The hex part of a digest ("sha256:abc" -> "abc"). */
 const char *digest_hex(const char *digest);
 

@@ -32,6 +32,7 @@ struct image_service {
   size_t n_handler_stores;
   publisher *publisher;
   char *containerd_namespace;
+  char *containerd_snapshotter; /* NULL: none */
   bool unpack_layers;
   pthread_mutex_t waiters_lock;
   struct pull_waiters *waiters;
@@ -144,6 +145,7 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
   svc->n_handler_stores = opts->n_handler_stores;
   svc->publisher = opts->publisher;
   svc->unpack_layers = opts->unpack_layers;
+  svc->containerd_snapshotter = str_empty(opts->containerd_snapshotter) ? NULL : xstrdup(opts->containerd_snapshotter);
   svc->containerd_namespace = xstrdup(opts->containerd_namespace ? opts->containerd_namespace : "k8s.io");
   pthread_mutex_init(&svc->waiters_lock, NULL);
   svc->credentials = opts->credentials;
@@ -154,6 +156,7 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
     svc->handlers[i].root = opts->handlers[i].root ? xstrdup(opts->handlers[i].root) : NULL;
     svc->handlers[i].containerd_namespace =
         opts->handlers[i].containerd_namespace ? xstrdup(opts->handlers[i].containerd_namespace) : NULL;
+    svc->handlers[i].snapshotter = opts->handlers[i].snapshotter ? xstrdup(opts->handlers[i].snapshotter) : NULL;
   }
   svc->n_handlers = opts->n_handlers;
   platform_host(&svc->host_platform);
@@ -169,6 +172,7 @@ void image_service_free(image_service *svc)
     free(svc->handlers[i].name);
     free(svc->handlers[i].root);
     free(svc->handlers[i].containerd_namespace);
+    free(svc->handlers[i].snapshotter);
   }
   for (size_t i = 0; i < svc->n_handler_stores; i++)
     free((char *) svc->handler_stores[i].handler);
@@ -177,6 +181,7 @@ void image_service_free(image_service *svc)
   free(svc->handlers);
   free(svc->default_registry);
   free(svc->containerd_namespace);
+  free(svc->containerd_snapshotter);
   strv_free(svc->pinned);
   free(svc);
 }
@@ -210,11 +215,27 @@ static const handler_config *find_handler(const image_service *svc, const char *
   return NULL;
 }
 
-/* The containerd namespace a handler's images go to. */
-static const char *namespace_for(const image_service *svc, const char *handler)
+/* Where in containerd a handler's images go: its namespace, and the snapshotter that stands for their layers. */
+static publish_dest dest_for(const image_service *svc, const char *handler)
 {
   const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
-  return hc && hc->containerd_namespace ? hc->containerd_namespace : svc->containerd_namespace;
+  publish_dest d = {
+      .ns = hc && hc->containerd_namespace ? hc->containerd_namespace : svc->containerd_namespace,
+      .snapshotter = hc && hc->snapshotter ? hc->snapshotter : svc->containerd_snapshotter,
+  };
+  if (str_empty(d.snapshotter))
+    d.snapshotter = NULL; /* a handler's "" goes back to containerd's own snapshotter */
+  return d;
+}
+
+/* Whether a handler's pulls unpack layers: when its images go to crimage's snapshotter they must; otherwise as
+ * configured. */
+static bool unpack_for(const image_service *svc, const char *handler)
+{
+  const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
+  if (svc->publisher && dest_for(svc, handler).snapshotter)
+    return true;
+  return hc && hc->unpack_layers >= 0 ? hc->unpack_layers > 0 : svc->unpack_layers;
 }
 
 /* The runtime handler of a request: ImageSpec.runtime_handler, else the deprecated pod annotation. */
@@ -279,12 +300,9 @@ static char *chain_id(json_object *config)
     const char *d = json_object_get_string(json_object_array_get_idx(diff_ids, i));
     if (!d)
       return NULL;
-    if (i == 0) {
-      snprintf(chain, sizeof(chain), "%s", d);
-    } else {
-      cleanup_free char *s = xasprintf("%s %s", chain, d);
-      digest_sha256(s, strlen(s), chain);
-    }
+    char next[DIGEST_MAX_LEN + 1];
+    digest_chain_id(chain, d, next);
+    memcpy(chain, next, sizeof(chain));
   }
   return xstrdup(chain);
 }
@@ -552,7 +570,8 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
   if (img) {
     /* containerd first: should it be unreachable, the image stays in both and kubelet's next try removes it. */
     if (svc->publisher) {
-      r = publisher_unpublish(svc->publisher, img, namespace_for(svc, handler), err);
+      publish_dest dest = dest_for(svc, handler);
+      r = publisher_unpublish(svc->publisher, img, &dest, err);
       if (r < 0)
         return crimage_error_wrap(err, "removing %s", req->image->image);
     }
@@ -788,7 +807,7 @@ static int run_pull_attempt(void *userdata, const credential *cred, void **ret_r
               .handler = handler,
               .platform = hc && hc->has_platform ? &hc->platform : &svc->host_platform,
               .cred = cred,
-              .unpack = hc && hc->unpack_layers >= 0 ? hc->unpack_layers > 0 : svc->unpack_layers,
+              .unpack = unpack_for(svc, handler),
               .cancelled = job_cancelled,
               .progress = job_progress,
               .userdata = &job,
@@ -823,7 +842,8 @@ static int publish_pulled(image_service *svc, const char *handler, const char *i
     return r;
   if (r == 0) /* removed meanwhile by a concurrent RemoveImage: nothing to hand over */
     return crimage_error_set(err, CRIMAGE_ABORTED, 0, "image %s was removed while it was being pulled", id);
-  r = publisher_publish(svc->publisher, st, img, namespace_for(svc, handler), err);
+  publish_dest dest = dest_for(svc, handler);
+  r = publisher_publish(svc->publisher, st, img, &dest, err);
   return r < 0 ? r : 0;
 }
 
@@ -939,7 +959,8 @@ void image_service_reconcile(void *userdata)
         continue;
       total++;
       crimage_error *e = NULL;
-      int r = publisher_publish(svc->publisher, stores[s], list[i], namespace_for(svc, list[i]->handler), &e);
+      publish_dest dest = dest_for(svc, list[i]->handler);
+      int r = publisher_publish(svc->publisher, stores[s], list[i], &dest, &e);
       if (r < 0) {
         failed++;
         log_warn("containerd reconcile: %s", e->message);

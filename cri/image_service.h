@@ -24,6 +24,7 @@ typedef struct handler_config {
   char *root;        /* a store of its own; NULL = the main store */
   char *containerd_namespace; /* where its images go in containerd; NULL = the default namespace */
   int unpack_layers;          /* 1 / 0: unpack its layers or not; -1: as unpackLayers says */
+  char *snapshotter;          /* containerd's name for crimage's snapshotter for its images; NULL = as containerd's */
 } handler_config;
 
 /* A runtime handler with a store (and so a puller) of its own: runtimeHandlers.<name>.root. */
@@ -49,6 +50,8 @@ typedef struct image_service_options {
   publisher *publisher;             /* hands every pulled image to containerd; NULL = none */
   const char *containerd_namespace; /* of handlers without one of their own; NULL = k8s.io */
   bool unpack_layers;               /* pulls unpack every layer for overlayfs (handlers may say otherwise) */
+  const char *containerd_snapshotter; /* containerd's name for crimage's snapshotter; NULL: containerd gets the
+                                         layer blobs and unpacks them itself */
 } image_service_options;
 
 typedef struct image_service image_service;

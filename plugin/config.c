@@ -32,6 +32,7 @@ void config_init(crimaged_config *cfg)
       .credential_provider_timeout_ms = 60 * 1000,
       .containerd_address = xstrdup(""),
       .containerd_namespace = xstrdup("k8s.io"),
+      .containerd_snapshotter = xstrdup(""),
   };
 }
 
@@ -56,6 +57,7 @@ void config_clear(crimaged_config *cfg)
     free(cfg->handlers[i].name);
     free(cfg->handlers[i].root);
     free(cfg->handlers[i].containerd_namespace);
+    free(cfg->handlers[i].snapshotter);
   }
   free(cfg->handlers);
   strv_free(cfg->docker_config_paths);
@@ -67,6 +69,7 @@ void config_clear(crimaged_config *cfg)
   free(cfg->metrics_address);
   free(cfg->containerd_address);
   free(cfg->containerd_namespace);
+  free(cfg->containerd_snapshotter);
   *cfg = (crimaged_config){0};
 }
 
@@ -247,6 +250,11 @@ static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **e
         if (r < 0)
           return r;
         h->unpack_layers = on;
+      } else if (streq(k, "snapshotter")) {
+        cleanup_free char *path = xasprintf("runtimeHandlers.%s.snapshotter", name);
+        int r = get_string(val, path, &h->snapshotter, err);
+        if (r < 0)
+          return r;
       } else if (streq(k, "containerdNamespace")) {
         cleanup_free char *path = xasprintf("runtimeHandlers.%s.containerdNamespace", name);
         int r = get_string(val, path, &h->containerd_namespace, err);
@@ -295,6 +303,8 @@ static int load_containerd(crimaged_config *cfg, json_object *v, crimage_error *
       r = get_string(val, "containerd.address", &cfg->containerd_address, err);
     else if (streq(k, "namespace"))
       r = get_string(val, "containerd.namespace", &cfg->containerd_namespace, err);
+    else if (streq(k, "snapshotter"))
+      r = get_string(val, "containerd.snapshotter", &cfg->containerd_snapshotter, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key containerd.%s", k);
     if (r < 0)

@@ -45,6 +45,7 @@ typedef struct crimaged_config {
   bool unpack_layers;         /* unpack every layer for overlayfs while it downloads */
   char *containerd_address;   /* containerd's socket; "" = images are not handed to containerd */
   char *containerd_namespace; /* default namespace of the images handed over */
+  char *containerd_snapshotter; /* containerd's name for crimage's snapshotter; "" = containerd's own */
 } crimaged_config;
 
 void config_init(crimaged_config *cfg);

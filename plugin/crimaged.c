@@ -320,6 +320,7 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       .publisher = d->publisher,
       .containerd_namespace = d->cfg.containerd_namespace,
       .unpack_layers = d->cfg.unpack_layers,
+      .containerd_snapshotter = d->cfg.containerd_snapshotter,
   };
   r = image_service_new(d->store, d->puller, &io, &d->images, err);
   if (r < 0)

@@ -16,6 +16,10 @@
 #define CTRD_LABEL_GC_REF_CONFIG "containerd.io/gc.ref.content.config"
 #define CTRD_LABEL_GC_REF_LAYER "containerd.io/gc.ref.content.l." /* + index */
 #define CTRD_LABEL_GC_REF_MANIFEST "containerd.io/gc.ref.content.m." /* + index */
+/* A snapshot chain is kept alive by this label on the image config, + the snapshotter's name. */
+#define CTRD_LABEL_GC_REF_SNAPSHOT "containerd.io/gc.ref.snapshot."
+/* The chain ID a Prepare asks a remote snapshotter to provide (core/snapshots: TargetRefLabel). */
+#define CTRD_LABEL_SNAPSHOT_REF "containerd.io/snapshot.ref"
 /* The namespace containerd's CRI plugin keeps its images in. */
 #define CTRD_CRI_NAMESPACE "k8s.io"
 
@@ -89,6 +93,17 @@ int ctrd_lease_delete(const ctrd_ctx *c, const char *id, crimage_error **err);
 /* Makes lease id reference the blob digest (present or not yet), so containerd's GC keeps it while the lease
  * lives. */
 int ctrd_lease_add_content(const ctrd_ctx *c, const char *id, const char *digest, crimage_error **err);
+
+/* ---- snapshots (snapshots.c), through containerd's metadata in front of the named snapshotter ---- */
+/* Prepare of key on parent asking for the committed chain chain_id (the label containerd.io/snapshot.ref), as
+ * containerd's unpacker asks a remote snapshotter. 1: the snapshotter has the chain, and containerd recorded it
+ * committed (its answer is ALREADY_EXISTS); 0: the snapshotter made an ordinary active snapshot key instead. */
+int ctrd_snapshot_prepare_remote(const ctrd_ctx *c, const char *snapshotter, const char *key, const char *parent,
+                                 const char *chain_id, crimage_error **err);
+/* 1 when containerd has the snapshot key of snapshotter in this namespace, 0 when not. */
+int ctrd_snapshot_exists(const ctrd_ctx *c, const char *snapshotter, const char *key, crimage_error **err);
+/* Removes a snapshot; an absent one is success. */
+int ctrd_snapshot_remove(const ctrd_ctx *c, const char *snapshotter, const char *key, crimage_error **err);
 
 /* ---- containerd's CRI image service (cri_images.c) ---- */
 /* Whether containerd's CRI resolves image (an ID or reference) to an image: its ImageStatus. */

@@ -32,6 +32,8 @@ struct publisher {
   rpc_client *rpc;
   int64_t call_timeout_ms;
   int64_t confirm_timeout_ms;
+  publisher_add_layer_fn add_layer;
+  void *add_layer_userdata;
 
   pthread_mutex_t lock;
   pthread_cond_t changed;
@@ -55,6 +57,8 @@ int publisher_new(const publisher_options *opts, publisher **ret, crimage_error 
   p->rpc = rpc;
   p->call_timeout_ms = opts->call_timeout_ms > 0 ? opts->call_timeout_ms : DEFAULT_CALL_TIMEOUT_MS;
   p->confirm_timeout_ms = opts->confirm_timeout_ms > 0 ? opts->confirm_timeout_ms : DEFAULT_CONFIRM_TIMEOUT_MS;
+  p->add_layer = opts->add_layer;
+  p->add_layer_userdata = opts->add_layer_userdata;
   pthread_mutex_init(&p->lock, NULL);
   pthread_cond_init(&p->changed, NULL);
   *ret = p;
@@ -190,9 +194,9 @@ static int publish_blob(publisher *p, const ctrd_ctx *c, store *st, const char *
 }
 
 /* The manifest's GC references (config, then each layer), as containerd labels a manifest it pulled itself. */
-static ctrd_label *manifest_gc_labels(const store_image *img, size_t *ret_n, char ***ret_keys)
+static ctrd_label *manifest_gc_labels(const store_image *img, bool with_layers, size_t *ret_n, char ***ret_keys)
 {
-  size_t n_layers = strv_length(img->layers);
+  size_t n_layers = with_layers ? strv_length(img->layers) : 0;
   ctrd_label *labels = xcalloc(n_layers + 1, sizeof(*labels));
   char **keys = xcalloc(n_layers + 1, sizeof(char *));
   labels[0] = (ctrd_label){CTRD_LABEL_GC_REF_CONFIG, img->id};
@@ -234,15 +238,89 @@ static void lease_name(const char *ns, const store_image *img, char *buf, size_t
   snprintf(buf, size, "crimage-%.16s", digest + strlen("sha256:"));
 }
 
-static int publish_locked(publisher *p, store *st, const store_image *img, const char *ns, crimage_error **err)
+/* The chain IDs of img's layers, base first; NULL when the record knows no diff_ids. */
+static char **image_chain_ids(const store_image *img)
 {
+  size_t n = strv_length(img->diff_ids);
+  if (n == 0 || n != strv_length(img->layers))
+    return NULL;
+  char **chains = xcalloc(n + 1, sizeof(char *));
+  for (size_t i = 0; i < n; i++) {
+    chains[i] = xmalloc(DIGEST_MAX_LEN + 1);
+    digest_chain_id(i ? chains[i - 1] : NULL, img->diff_ids[i], chains[i]);
+  }
+  return chains;
+}
+
+/* crimage's snapshotter gets every unpacked layer of img as its chain; containerd then records each chain as a
+ * committed snapshot of that snapshotter (the remote-snapshot protocol of its unpacker: a Prepare naming the chain
+ * in containerd.io/snapshot.ref, answered ALREADY_EXISTS), and the config keeps the top of the chain alive. */
+static int publish_snapshots(publisher *p, const ctrd_ctx *c, store *st, const store_image *img,
+                             const char *snapshotter, char *const *chains, crimage_error **err)
+{
+  for (size_t i = 0; chains[i]; i++) {
+    cleanup_free char *dir = store_layer_path(st, img->diff_ids[i]);
+    if (!dir || !store_layer_exists(st, img->diff_ids[i]))
+      return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                               "layer %s of image %s is not unpacked (unpackLayers is off for its handler?)",
+                               img->diff_ids[i], img->id);
+    int r = p->add_layer(p->add_layer_userdata, chains[i], i ? chains[i - 1] : "", dir, err);
+    if (r < 0)
+      return crimage_error_wrap(err, "registering layer %s", img->diff_ids[i]);
+  }
+  for (size_t i = 0; chains[i]; i++) {
+    int r = ctrd_snapshot_exists(c, snapshotter, chains[i], err);
+    if (r > 0)
+      continue;
+    cleanup_free char *key = xasprintf("crimage-extract-%lld-%zu", (long long) now_realtime_ns(), i);
+    if (r == 0)
+      r = ctrd_snapshot_prepare_remote(c, snapshotter, key, i ? chains[i - 1] : "", chains[i], err);
+    if (r == 0) {
+      /* An ordinary snapshot: the snapshotter containerd calls by this name is not crimage's. */
+      crimage_error *e = NULL;
+      if (ctrd_snapshot_remove(c, snapshotter, key, &e) < 0)
+        crimage_error_clear(&e);
+      return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                               "snapshotter \"%s\" did not provide chain %s: is it crimage's ([proxy_plugins.%s])?",
+                               snapshotter, chains[i], snapshotter);
+    }
+    if (r < 0)
+      return crimage_error_wrap(err, "snapshot %s", chains[i]);
+  }
+  cleanup_free char *gc_key = xasprintf(CTRD_LABEL_GC_REF_SNAPSHOT "%s", snapshotter);
+  const char *top = chains[strv_length(chains) - 1];
+  ctrd_label gc = {gc_key, top};
+  return ctrd_content_update_labels(c, img->id, &gc, 1, err);
+}
+
+static int publish_locked(publisher *p, store *st, const store_image *img, const publish_dest *dest,
+                          crimage_error **err)
+{
+  const char *ns = dest->ns;
+  const char *snap = str_empty(dest->snapshotter) ? NULL : dest->snapshotter;
   ctrd_ctx c = {.rpc = p->rpc, .ns = ns, .timeout_ms = p->call_timeout_ms};
   cleanup_strv char **names = image_names(img);
   cleanup_free char *label = handler_label(img->handler);
   bool cri = streq(ns, CTRD_CRI_NAMESPACE);
+  cleanup_strv char **chains = NULL;
+  if (snap) {
+    if (!p->add_layer)
+      return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                               "snapshotter \"%s\" named for containerd, but crimaged serves no snapshotter "
+                               "(snapshotterSocket)", snap);
+    chains = image_chain_ids(img);
+    if (!chains)
+      return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                               "image %s: its record knows no diff_ids; pull it again", img->id);
+  }
 
   bool current = false;
   int r = records_current(&c, img, names, label, &current, err);
+  if (r >= 0 && current && snap) {
+    /* containerd's GC removes snapshots it no longer needs: the chain must still be there too. */
+    r = ctrd_snapshot_exists(&c, snap, chains[strv_length(chains) - 1], err);
+    current = r > 0;
+  }
   if (r < 0)
     return publish_error(p, ns, err, "checking the image records");
   if (current) {
@@ -268,19 +346,22 @@ static int publish_locked(publisher *p, store *st, const store_image *img, const
   }
   c.lease = lease;
 
-  /* Children before parents: nothing references a blob containerd does not have yet. */
-  for (size_t i = 0; r >= 0 && img->layers && img->layers[i]; i++)
+  /* Children before parents: nothing references a blob containerd does not have yet. With crimage's snapshotter
+   * no layer blob goes over: the snapshots stand for them. */
+  for (size_t i = 0; r >= 0 && !snap && img->layers && img->layers[i]; i++)
     r = publish_blob(p, &c, st, img->layers[i], NULL, 0, err);
   if (r >= 0)
     r = publish_blob(p, &c, st, img->id, NULL, 0, err);
   if (r >= 0) {
     size_t n_labels = 0;
     cleanup_strv char **keys = NULL;
-    cleanup_free ctrd_label *labels = manifest_gc_labels(img, &n_labels, &keys);
+    cleanup_free ctrd_label *labels = manifest_gc_labels(img, !snap, &n_labels, &keys);
     r = publish_blob(p, &c, st, img->manifest_digest, labels, n_labels, err);
   }
   if (r < 0) {
     publish_error(p, ns, err, "writing content");
+  } else if (snap && publish_snapshots(p, &c, st, img, snap, chains, err) < 0) {
+    r = publish_error(p, ns, err, "creating the snapshots");
   } else {
     uint64_t manifest_size = 0;
     store_blob_exists(st, img->manifest_digest, &manifest_size);
@@ -310,15 +391,17 @@ static int publish_locked(publisher *p, store *st, const store_image *img, const
   return r < 0 ? r : 1;
 }
 
-int publisher_publish(publisher *p, store *st, const store_image *img, const char *ns, crimage_error **err)
+int publisher_publish(publisher *p, store *st, const store_image *img, const publish_dest *dest,
+                      crimage_error **err)
 {
+  const char *ns = dest->ns;
   cleanup_free char *key = xasprintf("image\x1f%s\x1f%s\x1f%s", ns, img->handler, img->id);
   key_lock(p, key);
   rpc_client_wait_ready(p->rpc, CONNECT_WAIT_MS);
   /* crimage's own removals wait until the blobs are in containerd. */
   store_hold(st);
   int64_t start = now_monotonic_ms();
-  int r = publish_locked(p, st, img, ns, err);
+  int r = publish_locked(p, st, img, dest, err);
   store_release(st);
   key_unlock(p, key);
   if (r > 0)
@@ -387,8 +470,9 @@ static int unpublish_locked(publisher *p, const store_image *img, const char *ns
   return 0;
 }
 
-int publisher_unpublish(publisher *p, const store_image *img, const char *ns, crimage_error **err)
+int publisher_unpublish(publisher *p, const store_image *img, const publish_dest *dest, crimage_error **err)
 {
+  const char *ns = dest->ns;
   cleanup_free char *key = xasprintf("image\x1f%s\x1f%s\x1f%s", ns, img->handler, img->id);
   key_lock(p, key);
   rpc_client_wait_ready(p->rpc, CONNECT_WAIT_MS);
