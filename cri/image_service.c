@@ -289,7 +289,8 @@ static int build_info(image_service *svc, const store_image *img, char **ret_jso
   json_object_object_add(info, "imageSpec", json_object_get(config));
   json_object_object_add(info, "runtimeHandler", json_object_new_string(img->handler));
   json_object_object_add(info, "manifestDigest", json_object_new_string(img->manifest_digest));
-  *ret_json = xstrdup(json_object_to_json_string_ext(info, JSON_C_TO_STRING_PLAIN));
+  /* As Go's encoding/json writes it (containerd's info): a "/" stays a "/". */
+  *ret_json = xstrdup(json_object_to_json_string_ext(info, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
   json_object_put(info);
   return 0;
 }

@@ -1262,13 +1262,19 @@ static bool reference_safe(const char *s)
   return true;
 }
 
+/* "manifest <repo>:<tag>" or "manifest <repo>@<digest>", as a reference is written. */
+static char *manifest_what(const registry_repo *r, const char *reference, const char *suffix)
+{
+  return xasprintf("manifest %s%c%s%s", r->name, strchr(reference, ':') ? '@' : ':', reference, suffix);
+}
+
 int registry_get_manifest(registry_repo *r, const char *reference, size_t max, const registry_xfer *x,
                           char **ret_body, size_t *ret_len, char **ret_content_type, crimage_error **err)
 {
   if (!reference_safe(reference))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid manifest reference");
   cleanup_free char *path = xasprintf("manifests/%s", reference);
-  cleanup_free char *what = xasprintf("manifest %s:%s", r->name, reference);
+  cleanup_free char *what = manifest_what(r, reference, "");
   cleanup_dynbuf dynbuf body;
   dynbuf_init(&body, max);
   xfer_ctx ctx = {.x = x, .body = &body, .limit = -1};
@@ -1302,7 +1308,7 @@ int registry_head_manifest(registry_repo *r, const char *reference, const regist
   if (!reference_safe(reference))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid manifest reference");
   cleanup_free char *url = xasprintf("%s/%s/manifests/%s", r->base, r->name, reference);
-  cleanup_free char *what = xasprintf("manifest %s:%s (HEAD)", r->name, reference);
+  cleanup_free char *what = manifest_what(r, reference, " (HEAD)");
   cleanup_dynbuf dynbuf none;
   dynbuf_init(&none, 0);
   xfer_ctx ctx = {.x = x, .body = &none, .limit = -1, .head = true};

@@ -140,6 +140,16 @@ def test_pull_unknown_tag_fails_not_found(daemon, images):
     assert daemon.client.list() == []
 
 
+def test_pull_unknown_digest_error_names_repo_at_digest(daemon, images, registry):
+    missing = "sha256:" + "0" * 64
+    with pytest.raises(grpc.RpcError) as e:
+        daemon.client.pull(f"{registry.host}/layers@{missing}")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+    # a repository and a digest are joined with "@", as a reference writes them
+    assert f"layers@{missing}" in e.value.details(), e.value.details()
+    assert f"layers:{missing}" not in e.value.details(), e.value.details()
+
+
 def test_pull_stores_blobs(daemon, images):
     p = images["layers"]
     daemon.client.pull(p.ref())
@@ -206,6 +216,14 @@ def test_status_verbose(pulled, images):
     info = json.loads(resp.info["info"])
     assert info["imageSpec"] == p.image.config
     assert info["chainID"] == p.image.chain_id
+    # written as containerd (Go's encoding/json) writes it: "/" is not escaped as "\/"
+    assert "/" in resp.info["info"] and "\\/" not in resp.info["info"], resp.info["info"][:200]
+
+
+def test_proto_image_is_upstream_subset(cri):
+    # runtime.v1.Image of upstream cri-api has fields 1-8; a field of our own would be misread once upstream
+    # assigns its number
+    assert sorted(f.number for f in cri.Image.DESCRIPTOR.fields) == list(range(1, 9))
 
 
 def test_status_not_verbose_has_no_info(pulled, images):
