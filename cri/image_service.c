@@ -8,12 +8,11 @@
 #include "common/util.h"
 #include "cri/api.pb-c.h"
 #include "cri/image_service.h"
+#include "pull/manifest.h"
 #include "pull/reference.h"
 
 /* The deprecated pod annotation that selected a runtime handler before ImageSpec.runtime_handler existed. */
 #define ANNOTATION_RUNTIME_HANDLER "io.containerd.cri.runtime-handler"
-/* An image config is small; anything larger is not one we wrote. */
-#define CONFIG_MAX_SIZE (4 * 1024 * 1024)
 
 struct image_service {
   store *store;
@@ -276,7 +275,8 @@ static int build_info(image_service *svc, const store_image *img, char **ret_jso
 {
   cleanup_free char *data = NULL;
   size_t len = 0;
-  int r = store_blob_read(store_for(svc, img->handler), img->id, CONFIG_MAX_SIZE, &data, &len, err);
+  /* The pull's own limit: every config it accepted can be shown. */
+  int r = store_blob_read(store_for(svc, img->handler), img->id, IMAGE_CONFIG_MAX_SIZE, &data, &len, err);
   if (r < 0)
     return crimage_error_wrap(err, "reading the config of %s", img->id);
   cleanup_json json_object *config = NULL;
@@ -861,6 +861,15 @@ static const rpc_method image_methods[] = {
 
 int image_service_register(image_service *svc, rpc_server *server, crimage_error **err)
 {
+  /* Store errors name files by their path; a client sees them relative to the store. */
+  rpc_server_hide_path(server, store_root(svc->store), "<store>");
+  for (size_t i = 0; i < svc->n_handler_stores; i++) {
+    const handler_store *hs = &svc->handler_stores[i];
+    if (hs->store != svc->store) {
+      cleanup_free char *name = xasprintf("<store of handler %s>", hs->handler);
+      rpc_server_hide_path(server, store_root(hs->store), name);
+    }
+  }
   return rpc_server_add_service(server, &runtime__v1__image_service__descriptor, image_methods,
                                 ARRAY_SIZE(image_methods), svc, err);
 }

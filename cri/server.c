@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include "common/dynbuf.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "cri/server.h"
@@ -38,6 +39,9 @@ struct rpc_server {
   grpc_completion_queue *cq; /* notifications of new calls */
   rpc_service *services;
   size_t n_services;
+  /* Host paths (hidden_paths[i]) that error messages show to clients as hidden_names[i]; set before start. */
+  char **hidden_paths, **hidden_names;
+  size_t n_hidden;
 
   int listen_fd;
   int wake_fd; /* eventfd that stops the accept loop */
@@ -120,6 +124,51 @@ int rpc_server_add_service(rpc_server *s, const ProtobufCServiceDescriptor *serv
   s->services = xrealloc(s->services, (s->n_services + 1) * sizeof(*s->services));
   s->services[s->n_services++] = (rpc_service){service, methods, n_methods, userdata};
   return 0;
+}
+
+void rpc_server_hide_path(rpc_server *s, const char *path, const char *name)
+{
+  /* "/" (or "") would turn every message into nonsense: there is nothing to hide in it anyway. */
+  if (!path || strlen(path) < 2)
+    return;
+  s->hidden_paths = xrealloc(s->hidden_paths, (s->n_hidden + 1) * sizeof(char *));
+  s->hidden_names = xrealloc(s->hidden_names, (s->n_hidden + 1) * sizeof(char *));
+  s->hidden_paths[s->n_hidden] = xstrdup(path);
+  s->hidden_names[s->n_hidden] = xstrdup(name);
+  s->n_hidden++;
+}
+
+/* A path character: a hidden path matches only where the next character is none of these, so /var/lib/crimage
+ * does not match the start of /var/lib/crimage2. */
+static bool is_path_char(char ch)
+{
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || strchr("._-+~@", ch);
+}
+
+/* The message as a client sees it: every hidden host path replaced by its name (the longest match wins, so a
+ * store nested in another is named as itself). */
+char *rpc_server_redact(const rpc_server *s, const char *msg)
+{
+  cleanup_dynbuf dynbuf out;
+  dynbuf_init(&out, RPC_MAX_STATUS_MESSAGE); /* a longer message is cut there */
+  for (const char *p = msg; *p;) {
+    size_t best = SIZE_MAX, best_len = 0;
+    for (size_t i = 0; i < s->n_hidden; i++) {
+      size_t l = strlen(s->hidden_paths[i]);
+      if (l > best_len && strncmp(p, s->hidden_paths[i], l) == 0 && (!p[l] || !is_path_char(p[l]))) {
+        best = i;
+        best_len = l;
+      }
+    }
+    if (best != SIZE_MAX) {
+      (void) dynbuf_append_str(&out, s->hidden_names[best]);
+      p += best_len;
+    } else {
+      (void) dynbuf_append(&out, p, 1);
+      p++;
+    }
+  }
+  return dynbuf_take(&out, NULL);
 }
 
 /* "/runtime.v1.ImageService/PullImage" -> service and method; either may stay NULL. */
@@ -314,9 +363,11 @@ static void serve_call(rpc_call *c)
         if (st == CRIMAGE_OK)
           st = CRIMAGE_INTERNAL;
         const char *msg = err ? err->message : "internal error";
+        /* The log (read by the node's admin) has the whole message; the client gets it without host paths. */
         log_msg(st == CRIMAGE_INTERNAL || st == CRIMAGE_DATA_LOSS ? LOG_ERR : LOG_INFO, "%s: %s: %s",
                 c->method_path, crimage_status_name(st), msg);
-        send_status(c, (grpc_status_code) st, msg, NULL);
+        cleanup_free char *shown = rpc_server_redact(c->server, msg);
+        send_status(c, (grpc_status_code) st, shown, NULL);
         crimage_error_free(err);
         if (reply)
           protobuf_c_message_free_unpacked(reply, NULL);
@@ -619,6 +670,12 @@ void rpc_server_free(rpc_server *s)
   pthread_cond_destroy(&s->idle);
   pthread_cond_destroy(&s->work);
   free(s->services);
+  for (size_t i = 0; i < s->n_hidden; i++) {
+    free(s->hidden_paths[i]);
+    free(s->hidden_names[i]);
+  }
+  free(s->hidden_paths);
+  free(s->hidden_names);
   free(s);
   grpc_shutdown();
 }

@@ -12,6 +12,7 @@
 #include "common/error.h"
 
 #define RPC_MAX_MESSAGE_SIZE (16 * 1024 * 1024) /* kubelet's cap on CRI messages */
+#define RPC_MAX_STATUS_MESSAGE (64 * 1024)       /* the most of an error message a client is sent */
 /* Threads serving calls at most. Pulls waiting in the pull queue (at most 1,024) each hold one, so the cap sits above
  * that: a full pull queue answers RESOURCE_EXHAUSTED and still leaves workers for ImageStatus. */
 #define RPC_MAX_WORKERS 1280
@@ -36,6 +37,12 @@ int rpc_server_new(rpc_server **ret, crimage_error **err);
 /* Registers the methods of a service; methods not listed answer UNIMPLEMENTED. */
 int rpc_server_add_service(rpc_server *s, const ProtobufCServiceDescriptor *service, const rpc_method *methods,
                            size_t n_methods, void *userdata, crimage_error **err);
+/* Error messages sent to clients show name instead of the host path (e.g. a store's root): a client of the socket
+ * (and whoever reads the pod events kubelet makes of them) has no business with the node's file system layout. The
+ * daemon's log keeps the whole message. Before rpc_server_start. */
+void rpc_server_hide_path(rpc_server *s, const char *path, const char *name);
+/* msg with the hidden paths replaced (caller frees). */
+char *rpc_server_redact(const rpc_server *s, const char *msg);
 /* Serves on a listening unix socket fd (taken over). */
 int rpc_server_start(rpc_server *s, int listen_fd, crimage_error **err);
 /* Stops accepting, lets running calls finish for grace_ms, then cancels the rest and waits for their threads. */

@@ -24,6 +24,7 @@
 #define MANIFEST_MAX_SIZE (4u * 1024 * 1024)
 #define MANIFEST_MAX_LAYERS 1000
 #define MANIFEST_MAX_ENTRIES 1000 /* manifests in an index */
+/* The one limit of an image config: the pull refuses a larger one and ImageStatus reads any it accepted. */
 #define IMAGE_CONFIG_MAX_SIZE (8u * 1024 * 1024)
 
 typedef struct manifest_descriptor {

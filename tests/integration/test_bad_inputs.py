@@ -3,6 +3,7 @@ methods, garbage payloads, oversized messages, registries that answer garbage or
 
 import http.server
 import json
+import os
 import random
 import socket
 import threading
@@ -343,3 +344,48 @@ def test_registry_closing_connections(daemon_factory):
         stop.set()
         t.join(10)
         srv.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One limit per kind of document; no host paths in errors
+
+
+def serve_image(junk, repo, img, tag="v1"):
+    """Routes for one fixtures.Image on the junk registry."""
+    octet = {"Content-Type": "application/octet-stream"}
+    junk.routes[f"/v2/{repo}/manifests/{tag}"] = (200, {"Content-Type": fixtures.MT_OCI_MANIFEST}, img.manifest_bytes)
+    junk.routes[f"/v2/{repo}/blobs/{img.config_digest}"] = (200, octet, img.config_bytes)
+    for layer in img.layers:
+        junk.routes[f"/v2/{repo}/blobs/{layer.digest}"] = (200, octet, layer.data)
+
+
+def test_status_verbose_reads_every_config_the_pull_accepts(daemon_factory, junk):
+    # a config of 6 MiB: above the 4 MiB the status once read, below the 8 MiB the pull accepts
+    layer = fixtures.Layer([("big/", None), ("big/file", b"x" * 100)])
+    img = fixtures.Image("bigconfig", [layer], extra_env=("BIG=" + "y" * (6 << 20),))
+    assert 4 << 20 < len(img.config_bytes) < 8 << 20
+    serve_image(junk, "junk/bigconfig", img)
+    d = daemon_factory({"registries": {junk.host: {"insecure": True}}})
+    ref = f"{junk.host}/junk/bigconfig:v1"
+    assert d.client.pull(ref) == img.config_digest
+    resp = d.client.status(ref, verbose=True)
+    assert resp.image.id == img.config_digest
+    assert json.loads(resp.info["info"])["imageSpec"] == img.config
+
+
+def test_errors_show_no_host_paths(daemon, images):
+    p = images["layers"]
+    daemon.client.pull(p.ref())
+    # the config blob vanishes from under the daemon: the verbose status cannot read it
+    os.unlink(os.path.join(daemon.root, "blobs", "sha256", p.id_for().split(":", 1)[1]))
+    err = rpc_error(daemon.client.status, p.ref(), verbose=True)
+    assert err.code() != grpc.StatusCode.OK
+    details = err.details()
+    assert p.id_for() in details, details
+    root = os.path.realpath(daemon.root)
+    assert root not in details and daemon.root not in details, details
+    assert "<store>/blobs/sha256/" in details, details
+    # the daemon's own log still has the whole path for the admin
+    with open(daemon.log, encoding="utf-8", errors="replace") as f:
+        assert root in f.read()
+    assert daemon.alive()
