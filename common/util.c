@@ -144,12 +144,23 @@ int parse_duration_ms(const char *s, int64_t *ret_ms)
   double total = 0;
   const char *p = s;
   while (*p) {
-    char *end = NULL;
-    errno = 0;
-    double v = strtod(p, &end);
-    if (errno || end == p || v < 0 || *p == '+' || *p == '-')
+    /* Go's syntax, [0-9]*(.[0-9]*)?: strtod alone would also take a sign, an exponent, hex, "inf" and "nan" (and a
+     * NaN would make the conversion below undefined). */
+    size_t int_digits = strspn(p, "0123456789"), frac_digits = 0, n = int_digits;
+    if (p[n] == '.') {
+      frac_digits = strspn(p + n + 1, "0123456789");
+      n += 1 + frac_digits;
+    }
+    if (int_digits + frac_digits == 0 || n > 32)
       return -EINVAL;
-    p = end;
+    char num[33];
+    memcpy(num, p, n);
+    num[n] = '\0';
+    errno = 0;
+    double v = strtod(num, NULL);
+    if (errno)
+      return -ERANGE;
+    p += n;
     size_t i;
     for (i = 0; i < ARRAY_SIZE(units); i++) {
       size_t l = strlen(units[i].unit);
@@ -169,6 +180,25 @@ int parse_duration_ms(const char *s, int64_t *ret_ms)
   }
   *ret_ms = (int64_t) total;
   return 0;
+}
+
+int parse_u64_decimal(const char *s, uint64_t *ret)
+{
+  if (str_empty(s))
+    return -EINVAL;
+  uint64_t v = 0;
+  bool overflow = false;
+  for (const char *p = s; *p; p++) {
+    if (*p < '0' || *p > '9')
+      return -EINVAL;
+    unsigned d = (unsigned) (*p - '0');
+    if (v > (UINT64_MAX - d) / 10)
+      overflow = true;
+    else
+      v = v * 10 + d;
+  }
+  *ret = overflow ? UINT64_MAX : v;
+  return overflow ? -ERANGE : 0;
 }
 
 int64_t now_monotonic_ms(void)

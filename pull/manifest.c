@@ -10,6 +10,15 @@
 #include "common/json.h"
 #include "common/util.h"
 
+uint64_t manifest_image_size(const manifest *m, size_t manifest_len)
+{
+  /* Descriptor sizes are checked to be >= 0 when parsed. */
+  uint64_t total = u64_add_sat(manifest_len, (uint64_t) m->config.size);
+  for (size_t i = 0; i < m->n_layers; i++)
+    total = u64_add_sat(total, (uint64_t) m->layers[i].size);
+  return total > INT64_MAX ? INT64_MAX : total;
+}
+
 bool manifest_media_type_is_index(const char *mt)
 {
   return mt && (streq(mt, MEDIA_TYPE_OCI_INDEX) || streq(mt, MEDIA_TYPE_DOCKER_LIST));

@@ -60,6 +60,11 @@ void manifest_free(manifest *m);
 static inline void manifest_freep(manifest **m) { manifest_free(*m); }
 #define cleanup_manifest __attribute__((cleanup(manifest_freep)))
 
+/* The bytes of an image: its manifest (manifest_len) + config + layers as the manifest gives them, capped at
+ * INT64_MAX: the sizes come from the registry, and a sum of them must neither wrap nor read as negative to kubelet
+ * (which takes Image.size as an int64). */
+uint64_t manifest_image_size(const manifest *m, size_t manifest_len);
+
 bool manifest_media_type_is_index(const char *media_type);
 bool manifest_media_type_is_image(const char *media_type);
 

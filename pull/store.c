@@ -635,18 +635,8 @@ static int index_write(store *s, const record_set *set, crimage_error **err)
   return 0;
 }
 
-static bool parse_u64(const char *s, uint64_t *ret)
-{
-  if (!s || !*s || *s == '-')
-    return false;
-  char *end;
-  errno = 0;
-  unsigned long long v = strtoull(s, &end, 10);
-  if (errno || *end)
-    return false;
-  *ret = v;
-  return true;
-}
+/* Digits only: strtoull would also take " -1" (as 2^64-1) or "+5". */
+static bool parse_u64(const char *s, uint64_t *ret) { return parse_u64_decimal(s, ret) == 0; }
 
 static bool string_ok(const char *s, size_t max)
 {

@@ -1081,6 +1081,46 @@ static void test_corrupt_index(void **state)
   test_image_clear(&b);
 }
 
+/* Replaces the first occurrence of old in root's index.json. */
+static void edit_index(const char *root, const char *old, const char *new)
+{
+  cleanup_error crimage_error *err = NULL;
+  cleanup_free char *index_path = xasprintf("%s/index.json", root);
+  cleanup_free char *text = NULL;
+  assert_int_equal(read_file(index_path, 1 << 20, &text, NULL, &err), 0);
+  char *at = strstr(text, old);
+  if (!at)
+    fail_msg("%s not in index.json", old);
+  *at = '\0';
+  cleanup_free char *edited = xasprintf("%s%s%s", text, new, at + strlen(old));
+  write_text(index_path, edited);
+}
+
+/* Numbers in index.json are digits only: strtoull read " -1" as 2^64-1 and "+5" as 5. A record with such a number
+ * is dropped (with a warning) and the others load. */
+static void test_index_numbers_strict(void **state)
+{
+  fixture *f = *state;
+  store *s = open_store(f->root);
+  const char *l1[] = {"layer", NULL};
+  const char *l2[] = {"layer 2", NULL};
+  test_image a = make_image(s, "a", l1);
+  test_image b = make_image(s, "b", l2);
+  record_ok(s, "", BUSYBOX, "a", NULL, &a);
+  record_ok(s, "", BUSYBOX, "b", NULL, &b);
+  store_close(s);
+  edit_index(f->root, "\"io.crimage.image.size\":\"1234\"", "\"io.crimage.image.size\":\" -1\"");
+  s = open_store(f->root);
+  assert_int_equal(count_images(s, NULL), 1);
+  store_close(s);
+  edit_index(f->root, "\"io.crimage.image.size\":\"1234\"", "\"io.crimage.image.size\":\"+1234\"");
+  s = open_store(f->root);
+  assert_int_equal(count_images(s, NULL), 0);
+  store_close(s);
+  test_image_clear(&a);
+  test_image_clear(&b);
+}
+
 static void test_gc(void **state)
 {
   fixture *f = *state;
@@ -1479,6 +1519,7 @@ int main(void)
       cmocka_unit_test_setup_teardown(test_tag_move_and_merge, setup, teardown),
       cmocka_unit_test_setup_teardown(test_reload, setup, teardown),
       cmocka_unit_test_setup_teardown(test_corrupt_index, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_index_numbers_strict, setup, teardown),
       cmocka_unit_test_setup_teardown(test_gc, setup, teardown),
       cmocka_unit_test_setup_teardown(test_hold_defers_gc, setup, teardown),
       cmocka_unit_test_setup_teardown(test_usage, setup, teardown),
