@@ -89,6 +89,10 @@ int parse_duration_ms(const char *s, int64_t *ret_ms);
  * Returns 0; -EINVAL for anything else; -ERANGE when it does not fit, with *ret = UINT64_MAX so that a caller that
  * caps the value can still use it. Never overflows. */
 int parse_u64_decimal(const char *s, uint64_t *ret);
+/* True when s[0..len) is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF),
+ * as protobuf requires of every string field: a reply with anything else is refused by strict clients. */
+bool utf8_valid(const char *s, size_t len);
+
 /* a + b, or UINT64_MAX when the sum does not fit: for totals of sizes that came from outside. */
 static inline uint64_t u64_add_sat(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
 

@@ -18,6 +18,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "cri/server.h"
+#include "cri/wire.h"
 
 typedef struct rpc_service {
   const ProtobufCServiceDescriptor *desc;
@@ -310,16 +311,26 @@ static ProtobufCMessage *receive_request(rpc_call *c, grpc_status_code *ret_stat
   }
   grpc_byte_buffer_reader reader;
   ProtobufCMessage *msg = NULL;
+  cleanup_error crimage_error *bad = NULL;
   if (grpc_byte_buffer_reader_init(&reader, bb)) {
     grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
     grpc_byte_buffer_reader_destroy(&reader);
-    msg = protobuf_c_message_unpack(c->method_desc->input, NULL, GRPC_SLICE_LENGTH(slice),
-                                    GRPC_SLICE_START_PTR(slice));
+    /* Strings with a NUL or that are not UTF-8 are refused before unpacking, which would hide the first and keep
+     * the second. */
+    int r = wire_validate(c->method_desc->input, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_LENGTH(slice), &bad);
+    if (r == 0)
+      msg = protobuf_c_message_unpack(c->method_desc->input, NULL, GRPC_SLICE_LENGTH(slice),
+                                      GRPC_SLICE_START_PTR(slice));
     /* The copy is ours and a PullImage request can carry a password: wipe it before it goes back to the heap. */
     explicit_bzero(GRPC_SLICE_START_PTR(slice), GRPC_SLICE_LENGTH(slice));
     grpc_slice_unref(slice);
   }
   grpc_byte_buffer_destroy(bb);
+  if (bad) {
+    *ret_status = (grpc_status_code) bad->status;
+    *ret_details = xasprintf("%s: %s", c->method_path, bad->message);
+    return NULL;
+  }
   if (!msg) {
     *ret_status = GRPC_STATUS_INVALID_ARGUMENT;
     *ret_details = xasprintf("%s: the request is not a valid %s message", c->method_path, c->method_desc->input->name);

@@ -78,6 +78,58 @@ def test_unknown_method(daemon, path):
     assert daemon.alive()
 
 
+def test_nul_in_string_fields_is_invalid_argument(daemon, cri, images):
+    """protobuf-c unpacks strings as C strings: "<name>\\0junk" acted on <name> (a remove really removed it) and a
+    handler of "\\0" was the default handler. Every string field with a NUL is refused, naming the field."""
+    p = images["layers"]
+    name = p.ref()
+    daemon.client.pull(name)
+    c = daemon.client
+    cases = [
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(image=name + "\0junk")), "image.image"),
+        ("RemoveImage", cri.RemoveImageRequest(image=cri.ImageSpec(image=name + "\0junk")), "image.image"),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image=name + "\0junk")), "image.image"),
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(image=name, runtime_handler="\0")),
+         "image.runtime_handler"),
+        ("RemoveImage", cri.RemoveImageRequest(image=cri.ImageSpec(image=name, runtime_handler="\0x")),
+         "image.runtime_handler"),
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(image=name, annotations={"a\0": "b"})),
+         "image.annotations.key"),
+        ("ListImages", cri.ListImagesRequest(filter=cri.ImageFilter(image=cri.ImageSpec(image=name + "\0"))),
+         "filter.image.image"),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image=name),
+                                           auth=cri.AuthConfig(username="u", password="pass\0s3cr3t")),
+         "auth.password"),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image=name),
+                                           sandbox_config=cri.PodSandboxConfig(
+                                               annotations={"io.containerd.cri.runtime-handler": "\0"})),
+         "sandbox_config.annotations.value"),
+    ]
+    for method, req, field in cases:
+        err = rpc_error(c.call, method, req)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, field, err)
+        assert f"field {field} contains a NUL byte" in err.details(), (method, err.details())
+        assert "s3cr3t" not in err.details()
+    # nothing was acted on: the image is still there, for the default handler
+    assert c.image(name).id == p.id_for()
+    assert [i.id for i in c.list()] == [p.id_for()]
+    assert daemon.alive()
+
+
+def test_non_utf8_string_fields_are_invalid_argument(daemon, cri):
+    """Strings must be UTF-8 (protobuf-c takes any bytes): raw requests with a bad byte in a field."""
+    spec = cri.ImageSpec(image="busybox", runtime_handler="kata").SerializeToString()
+    for field, bad in (("image.image", spec.replace(b"busybox", b"busy\xffox")),
+                       ("image.runtime_handler", spec.replace(b"kata", b"k\xc3ta")),
+                       ("image.runtime_handler", spec.replace(b"kata", b"\xed\xa0\x80a"))):
+        req = b"\x0a" + bytes([len(bad)]) + bad  # ImageStatusRequest.image
+        for method in ("ImageStatus", "RemoveImage", "PullImage"):
+            err = rpc_error(daemon.client.raw, f"/{SERVICE}/{method}", req)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err)
+            assert f"field {field} is not valid UTF-8" in err.details(), err.details()
+    assert daemon.alive()
+
+
 def garbage_payloads():
     rnd = random.Random(7)
     return [

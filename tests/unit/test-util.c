@@ -66,9 +66,43 @@ static void test_parse_duration(void **state)
   assert_int_equal(ms, -1);
 }
 
+static void test_utf8(void **state)
+{
+  struct {
+    const char *s;
+    size_t len;
+    bool ok;
+  } cases[] = {
+      {"", 0, true},
+      {"plain ascii", 11, true},
+      {"\xc3\xa4", 2, true},             /* U+00E4 */
+      {"\xe2\x82\xac", 3, true},         /* U+20AC */
+      {"\xf0\x9f\x90\xb3", 4, true},     /* U+1F433 */
+      {"\xf4\x8f\xbf\xbf", 4, true},     /* U+10FFFF, the last */
+      {"\xed\x9f\xbf", 3, true},         /* U+D7FF, just below the surrogates */
+      {"a\0b", 3, true},                 /* a NUL is UTF-8; the wire check refuses it on its own */
+      {"\xc0", 1, false},                /* a lone lead byte */
+      {"\x80", 1, false},                /* a lone continuation byte */
+      {"\xc0\xaf", 2, false},            /* overlong "/" */
+      {"\xc1\xbf", 2, false},            /* overlong */
+      {"\xe0\x80\xaf", 3, false},        /* overlong "/" */
+      {"\xf0\x80\x80\xaf", 4, false},    /* overlong "/" */
+      {"\xed\xa0\x80", 3, false},        /* U+D800, a surrogate */
+      {"\xf4\x90\x80\x80", 4, false},    /* U+110000 */
+      {"\xf5\x80\x80\x80", 4, false},
+      {"\xff", 1, false},
+      {"\xe2\x82", 2, false},            /* cut short */
+      {"\xe2\x28\xa1", 3, false},        /* a bad continuation */
+  };
+  for (size_t i = 0; i < ARRAY_SIZE(cases); i++)
+    if (utf8_valid(cases[i].s, cases[i].len) != cases[i].ok)
+      fail_msg("case %zu: expected %s", i, cases[i].ok ? "valid" : "invalid");
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_utf8),
       cmocka_unit_test(test_parse_u64_decimal),
       cmocka_unit_test(test_u64_add_sat),
       cmocka_unit_test(test_parse_duration),
