@@ -182,42 +182,65 @@ int parse_duration_ms(const char *s, int64_t *ret_ms)
   return 0;
 }
 
+/* The length of the well-formed UTF-8 sequence at p (left bytes there), or 0 when there is none. */
+static size_t utf8_seq(const unsigned char *p, size_t left)
+{
+  unsigned char c = *p;
+  if (c < 0x80)
+    return 1;
+  size_t n;
+  unsigned char lo = 0x80, hi = 0xbf; /* the allowed range of the second byte */
+  if (c >= 0xc2 && c <= 0xdf) {
+    n = 2;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    n = 3;
+    if (c == 0xe0)
+      lo = 0xa0; /* overlong */
+    else if (c == 0xed)
+      hi = 0x9f; /* surrogates */
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    n = 4;
+    if (c == 0xf0)
+      lo = 0x90; /* overlong */
+    else if (c == 0xf4)
+      hi = 0x8f; /* above U+10FFFF */
+  } else {
+    return 0; /* a continuation byte, an overlong lead (c0, c1) or f5..ff */
+  }
+  if (left < n || p[1] < lo || p[1] > hi)
+    return 0;
+  for (size_t i = 2; i < n; i++)
+    if (p[i] < 0x80 || p[i] > 0xbf)
+      return 0;
+  return n;
+}
+
 bool utf8_valid(const char *s, size_t len)
 {
   const unsigned char *p = (const unsigned char *) s, *end = p + len;
   while (p < end) {
-    unsigned char c = *p;
-    if (c < 0x80) {
-      p++;
-      continue;
-    }
-    size_t n;
-    unsigned char lo = 0x80, hi = 0xbf; /* the allowed range of the second byte */
-    if (c >= 0xc2 && c <= 0xdf) {
-      n = 2;
-    } else if (c >= 0xe0 && c <= 0xef) {
-      n = 3;
-      if (c == 0xe0)
-        lo = 0xa0; /* overlong */
-      else if (c == 0xed)
-        hi = 0x9f; /* surrogates */
-    } else if (c >= 0xf0 && c <= 0xf4) {
-      n = 4;
-      if (c == 0xf0)
-        lo = 0x90; /* overlong */
-      else if (c == 0xf4)
-        hi = 0x8f; /* above U+10FFFF */
-    } else {
-      return false; /* a continuation byte, an overlong lead (c0, c1) or f5..ff */
-    }
-    if ((size_t) (end - p) < n || p[1] < lo || p[1] > hi)
+    size_t n = utf8_seq(p, (size_t) (end - p));
+    if (!n)
       return false;
-    for (size_t i = 2; i < n; i++)
-      if (p[i] < 0x80 || p[i] > 0xbf)
-        return false;
     p += n;
   }
   return true;
+}
+
+size_t utf8_repair(char *s)
+{
+  size_t fixed = 0, len = strlen(s);
+  unsigned char *p = (unsigned char *) s, *end = p + len;
+  while (p < end) {
+    size_t n = utf8_seq(p, (size_t) (end - p));
+    if (!n) {
+      *p = '?';
+      fixed++;
+      n = 1;
+    }
+    p += n;
+  }
+  return fixed;
 }
 
 int parse_u64_decimal(const char *s, uint64_t *ret)

@@ -92,6 +92,8 @@ int parse_u64_decimal(const char *s, uint64_t *ret);
 /* True when s[0..len) is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF),
  * as protobuf requires of every string field: a reply with anything else is refused by strict clients. */
 bool utf8_valid(const char *s, size_t len);
+/* Replaces each byte of s that is not part of a well-formed UTF-8 sequence by '?', in place; returns how many. */
+size_t utf8_repair(char *s);
 
 /* a + b, or UINT64_MAX when the sum does not fit: for totals of sizes that came from outside. */
 static inline uint64_t u64_add_sat(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }

@@ -115,9 +115,27 @@ static bool is_pinned(const image_service *svc, const store_image *img)
   return false;
 }
 
+/* A handler is a key of the store and goes into every reply that lists its images: it must be a name as kubelet
+ * can send one (RuntimeClass.handler, a DNS label). The value is shown only when it is short and printable. */
+static int invalid_handler(const char *h, crimage_error **err)
+{
+  bool printable = strlen(h) <= 2 * STORE_HANDLER_MAX_LEN;
+  for (const char *p = h; *p && printable; p++)
+    printable = *p >= 0x20 && *p < 0x7f;
+  return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                           "invalid runtime handler%s%s%s: a handler is a DNS label (at most %d of a-z, 0-9 and '-', "
+                           "starting and ending with a letter or digit), as in RuntimeClass.handler",
+                           printable ? " \"" : "", printable ? h : "", printable ? "\"" : "", STORE_HANDLER_MAX_LEN);
+}
+
 int image_service_new(store *st, puller *p, const image_service_options *opts, image_service **ret,
                       crimage_error **err)
 {
+  for (size_t i = 0; i < opts->n_handlers; i++)
+    if (!store_handler_valid(opts->handlers[i].name) || !*opts->handlers[i].name) {
+      invalid_handler(opts->handlers[i].name, err);
+      return crimage_error_wrap(err, "runtimeHandlers");
+    }
   cleanup_strv char **pinned = NULL;
   int r = normalize_pinned(opts->pinned_images,
                            opts->default_registry ? opts->default_registry : REFERENCE_DEFAULT_REGISTRY, &pinned, err);
@@ -209,6 +227,8 @@ static int resolve_handler(const image_service *svc, const Runtime__V1__ImageSpe
       if (streq(sandbox->annotations[i]->key, ANNOTATION_RUNTIME_HANDLER) && sandbox->annotations[i]->value)
         h = sandbox->annotations[i]->value;
   }
+  if (!store_handler_valid(h))
+    return invalid_handler(h, err);
   if (*h && svc->reject_unknown_handlers && !find_handler(svc, h))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown runtime handler \"%s\"", h);
   *ret = h;

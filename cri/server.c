@@ -230,8 +230,12 @@ bool rpc_call_cancelled(rpc_call *c)
 
 const char *rpc_call_method(const rpc_call *c) { return c->method_path; }
 
-static grpc_byte_buffer *pack_message(const ProtobufCMessage *msg)
+static grpc_byte_buffer *pack_message(const rpc_call *c, const ProtobufCMessage *msg)
 {
+  /* Replies are built by the handlers, in memory of their own: repairing them in place is safe. */
+  const char *field = NULL;
+  if (wire_repair_strings((ProtobufCMessage *) msg, &field) > 0)
+    log_warn("%s: the reply's %s field was not valid UTF-8; sent with '?' for the bad bytes", c->method_path, field);
   size_t len = protobuf_c_message_get_packed_size(msg);
   grpc_slice slice = grpc_slice_malloc(len);
   protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
@@ -259,7 +263,7 @@ int rpc_call_send(rpc_call *c, const ProtobufCMessage *msg, crimage_error **err)
     ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     c->sent_initial_metadata = true;
   }
-  grpc_byte_buffer *bb = pack_message(msg);
+  grpc_byte_buffer *bb = pack_message(c, msg);
   ops[n].op = GRPC_OP_SEND_MESSAGE;
   ops[n++].data.send_message.send_message = bb;
   bool ok = run_batch(c, ops, n);
@@ -282,7 +286,7 @@ static void send_status(rpc_call *c, grpc_status_code code, const char *details,
     c->sent_initial_metadata = true;
   }
   if (reply) {
-    bb = pack_message(reply);
+    bb = pack_message(c, reply);
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n++].data.send_message.send_message = bb;
   }

@@ -96,6 +96,53 @@ static int walk_message(walk *w, const ProtobufCMessageDescriptor *desc, const u
   return 0;
 }
 
+static size_t repair_string(char *s, const ProtobufCFieldDescriptor *f, const char **ret_first)
+{
+  /* An unset string is protobuf-c's shared, read-only "": nothing to repair there and nothing written. */
+  if (!s || !*s || utf8_valid(s, strlen(s)))
+    return 0;
+  utf8_repair(s);
+  if (ret_first && !*ret_first)
+    *ret_first = f->name;
+  return 1;
+}
+
+static size_t repair_message(ProtobufCMessage *m, unsigned depth, const char **ret_first)
+{
+  if (!m || depth > WIRE_MAX_DEPTH)
+    return 0;
+  const ProtobufCMessageDescriptor *d = m->descriptor;
+  char *base = (char *) m;
+  size_t fixed = 0;
+  for (unsigned i = 0; i < d->n_fields; i++) {
+    const ProtobufCFieldDescriptor *f = &d->fields[i];
+    if (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
+      continue;
+    if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+      size_t n = *(size_t *) (base + f->quantifier_offset);
+      void **v = *(void ***) (base + f->offset);
+      for (size_t j = 0; j < n && v; j++)
+        fixed += f->type == PROTOBUF_C_TYPE_STRING ? repair_string(v[j], f, ret_first)
+                                                   : repair_message(v[j], depth + 1, ret_first);
+      continue;
+    }
+    /* a member of a oneof is set only when the oneof's case names it */
+    if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) && *(uint32_t *) (base + f->quantifier_offset) != f->id)
+      continue;
+    void *v = *(void **) (base + f->offset);
+    fixed += f->type == PROTOBUF_C_TYPE_STRING ? repair_string(v, f, ret_first)
+                                               : repair_message(v, depth + 1, ret_first);
+  }
+  return fixed;
+}
+
+size_t wire_repair_strings(ProtobufCMessage *msg, const char **ret_first)
+{
+  if (ret_first)
+    *ret_first = NULL;
+  return repair_message(msg, 0, ret_first);
+}
+
 int wire_validate(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len, crimage_error **err)
 {
   walk w = {.err = err};

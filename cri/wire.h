@@ -21,4 +21,11 @@
  * that). */
 int wire_validate(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len, crimage_error **err);
 
+/* The last line of defence for replies: whatever got into the data a reply is built from (the store checks what it
+ * records and loads), a reply must stay valid protobuf, or strict clients refuse it whole, and one bad image would
+ * break every ListImages. Replaces each byte of the message's string fields (recursively) that is not part of
+ * well-formed UTF-8 by '?', in place. Returns how many strings it changed; *ret_first (may be NULL) gets the name
+ * of the first such field. */
+size_t wire_repair_strings(ProtobufCMessage *msg, const char **ret_first);
+
 #endif

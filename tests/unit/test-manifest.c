@@ -284,6 +284,27 @@ static void test_config_user(void **state)
   crimage_error_free(err);
   err = NULL;
 
+  /* Strings go to CRI replies: JSON that is not UTF-8 is refused, and so is a user a C string would cut short. */
+  struct {
+    const char *json, *want;
+  } bad[] = {
+      {"{\"config\":{\"User\":\"ro\xffot\"}}", "invalid JSON"},
+      {"{\"config\":{\"User\":\"1000\"},\"x\":\"\xc0\xaf\"}", "invalid JSON"},
+      {"{\"config\":{\"User\":\"nobody\\u0000root\"}}", "config.User contains a NUL byte"},
+      {"{\"config\":{\"User\":\"www\\ndata\"}}", "config.User contains a control character"},
+  };
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+    assert_true(image_config_parse(bad[i].json, strlen(bad[i].json), 0, 0, &user, &diff_ids, &err) < 0);
+    if (!strstr(err->message, bad[i].want))
+      fail_msg("case %zu: \"%s\" does not say \"%s\"", i, err->message, bad[i].want);
+    crimage_error_free(err);
+    err = NULL;
+  }
+  const char *utf8 = "{\"config\":{\"User\":\"j\xc3\xb6rg\"}}";
+  assert_int_equal(image_config_parse(utf8, strlen(utf8), 0, 0, &user, &diff_ids, &err), 0);
+  assert_string_equal(user, "j\xc3\xb6rg");
+  free(user);
+
   /* diff_ids: one digest per layer, or an error naming the problem. */
   const char *c3 = "{\"config\":{},\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:"
                    "0000000000000000000000000000000000000000000000000000000000000000\"]}}";

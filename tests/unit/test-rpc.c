@@ -196,12 +196,54 @@ static void test_wire_malformed_and_limits(void **state)
   assert_int_equal(wire_validate(d, flood, (n - 1) * 2, &err), 0);
 }
 
+/* A reply stays valid protobuf whatever got into the data it is built from. */
+static void test_reply_repair(void **state)
+{
+  Runtime__V1__ListImagesResponse *reply = xmalloc(sizeof(*reply));
+  runtime__v1__list_images_response__init(reply);
+  reply->n_images = 2;
+  reply->images = xcalloc(2, sizeof(*reply->images));
+  for (size_t i = 0; i < 2; i++) {
+    Runtime__V1__Image *img = xmalloc(sizeof(*img));
+    runtime__v1__image__init(img);
+    img->id = xstrdup("sha256:abc");
+    img->n_repo_tags = 2;
+    img->repo_tags = xcalloc(2, sizeof(char *));
+    img->repo_tags[0] = xstrdup("docker.io/library/busybox:latest");
+    img->repo_tags[1] = xstrdup(i ? "docker.io/library/busybox:\xc3\xa4" : "docker.io/library/busybox:1.36");
+    img->spec = xmalloc(sizeof(*img->spec));
+    runtime__v1__image_spec__init(img->spec);
+    img->spec->image = xstrdup("sha256:abc");
+    reply->images[i] = img;
+  }
+  const char *field = "unset";
+  assert_int_equal(wire_repair_strings(&reply->base, &field), 0);
+  assert_null(field);
+  /* the repair works in place on strings and repeated strings of nested messages */
+  free(reply->images[1]->repo_tags[1]);
+  reply->images[1]->repo_tags[1] = xstrdup("docker.io/library/busybox:\xff");
+  reply->images[0]->spec->runtime_handler = xstrdup("k\xc0ta");
+  assert_int_equal(wire_repair_strings(&reply->base, &field), 2);
+  assert_non_null(field);
+  assert_string_equal(reply->images[1]->repo_tags[1], "docker.io/library/busybox:?");
+  assert_string_equal(reply->images[0]->spec->runtime_handler, "k?ta");
+  assert_string_equal(reply->images[0]->spec->image, "sha256:abc");
+  /* and what is packed now passes the strict check a client makes */
+  size_t len = protobuf_c_message_get_packed_size(&reply->base);
+  cleanup_free uint8_t *buf = xmalloc(len);
+  protobuf_c_message_pack(&reply->base, buf);
+  crimage_error *err = NULL;
+  assert_int_equal(wire_validate(reply->base.descriptor, buf, len, &err), 0);
+  protobuf_c_message_free_unpacked(&reply->base, NULL);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_redact_hides_store_paths),
       cmocka_unit_test(test_wire_strings),
       cmocka_unit_test(test_wire_malformed_and_limits),
+      cmocka_unit_test(test_reply_repair),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -99,10 +99,22 @@ static void test_utf8(void **state)
       fail_msg("case %zu: expected %s", i, cases[i].ok ? "valid" : "invalid");
 }
 
+static void test_utf8_repair(void **state)
+{
+  char a[] = "ok \xc3\xa4 \xf0\x9f\x90\xb3";
+  assert_int_equal(utf8_repair(a), 0);
+  assert_string_equal(a, "ok \xc3\xa4 \xf0\x9f\x90\xb3");
+  char b[] = "k\xffta \xc0\xaf \xe2\x82 end\xed\xa0\x80";
+  assert_int_equal(utf8_repair(b), 8);
+  assert_string_equal(b, "k?ta ?? ?? end???");
+  assert_true(utf8_valid(b, strlen(b)));
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_utf8),
+      cmocka_unit_test(test_utf8_repair),
       cmocka_unit_test(test_parse_u64_decimal),
       cmocka_unit_test(test_u64_add_sat),
       cmocka_unit_test(test_parse_duration),
