@@ -426,6 +426,77 @@ static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMe
 
 /* ---- ListImages ---- */
 
+/* The normalized repository a filter names when it names one without a tag or digest ("busybox" ->
+ * "docker.io/library/busybox"); NULL for an image ID, a reference with a tag or digest, or no reference. */
+static char *filter_repository(const image_service *svc, const char *name)
+{
+  if (str_has_prefix(name, "sha256:") || (strlen(name) == 64 && is_hex(name)))
+    return NULL;
+  cleanup_error crimage_error *e = NULL;
+  cleanup_reference image_ref *ref = NULL;
+  if (reference_parse(name, svc->default_registry, &ref, &e) < 0 || ref->tag_given || ref->digest)
+    return NULL;
+  return reference_name(ref);
+}
+
+static bool in_repository(const store_image *img, const char *repo)
+{
+  size_t l = strlen(repo);
+  for (char **t = img->repo_tags; t && *t; t++)
+    if (strncmp(*t, repo, l) == 0 && (*t)[l] == ':')
+      return true;
+  for (char **d = img->repo_digests; d && *d; d++)
+    if (strncmp(*d, repo, l) == 0 && (*d)[l] == '@')
+      return true;
+  return false;
+}
+
+/* Every image of handler with a name in repo (as `docker images busybox` and CRI-O list every tag). */
+static int list_repository(image_service *svc, const char *handler, const char *repo, store_image ***ret,
+                           size_t *ret_n, crimage_error **err)
+{
+  store_image **all = NULL;
+  size_t n = 0, kept = 0;
+  int r = store_list_images(store_for(svc, handler), handler, &all, &n, err);
+  if (r < 0)
+    return r;
+  for (size_t i = 0; i < n; i++) {
+    if (in_repository(all[i], repo))
+      all[kept++] = all[i];
+    else
+      store_image_free(all[i]);
+  }
+  *ret = all;
+  *ret_n = kept;
+  return 0;
+}
+
+/* The images of handler a filter naming an image selects: every image of a repository named without tag or digest
+ * (as `docker images busybox` and CRI-O), else the one image a tag, a digest or an ID names. */
+static int select_named(image_service *svc, const char *handler, const char *name, store_image ***ret,
+                        size_t *ret_n, crimage_error **err)
+{
+  cleanup_free char *repo = filter_repository(svc, name);
+  if (repo) {
+    int r = list_repository(svc, handler, repo, ret, ret_n, err);
+    /* A short hex string that names no repository with images may still be an ID prefix. */
+    if (r < 0 || *ret_n > 0 || !is_hex(name))
+      return r;
+    free(*ret);
+    *ret = NULL;
+  }
+  store_image *img = NULL;
+  int r = lookup_image(svc, handler, name, &img, err);
+  if (r < 0)
+    return r;
+  if (img) {
+    *ret = xmalloc(sizeof(**ret));
+    (*ret)[0] = img;
+    *ret_n = 1;
+  }
+  return 0;
+}
+
 /* The images an ImageFilter selects; shared by ListImages and StreamImages. */
 static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filter, store_image ***ret,
                        size_t *ret_n, crimage_error **err)
@@ -439,15 +510,9 @@ static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filte
   store_image **list = NULL;
   size_t n = 0;
   if (spec && !str_empty(spec->image)) {
-    store_image *img = NULL;
-    r = lookup_image(svc, handler, spec->image, &img, err);
+    r = select_named(svc, handler, spec->image, &list, &n, err);
     if (r < 0)
       return r;
-    if (img) {
-      list = xmalloc(sizeof(*list));
-      list[0] = img;
-      n = 1;
-    }
   } else {
     /* No handler in the filter lists the images of every handler: kubelet's image GC needs them all and tells them
      * apart by Image.spec.runtime_handler. */

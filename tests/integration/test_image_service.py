@@ -273,6 +273,37 @@ def test_list_all_and_filtered(pulled, images):
     assert pulled.client.list(image=images["big"].ref()) == []
 
 
+def test_list_filter_by_repository_matches_every_tag(daemon, images, registry, tmp_path):
+    # `crictl images busybox` listed nothing when only busybox:1.36 was there: a repository without tag or digest
+    # selects every image of it, as `docker images` and CRI-O do
+    a = fixtures.push_one(str(tmp_path), registry.host, "layers", "repofilter", "a", None)
+    b = fixtures.push_one(str(tmp_path), registry.host, "shared", "repofilter", "b", None)
+    u = images["user1002"]
+    c = daemon.client
+    c.pull(a.ref("a"))
+    c.pull(b.ref("b"))
+    c.pull(u.digest_ref())  # by digest only: no tag names it, its repo digest does
+    c.pull(images["layers"].ref("v1"))  # the same image as repofilter:a, in another repository
+
+    def ids(listed):
+        return sorted(i.id for i in listed)
+
+    assert ids(c.list(image=a.name)) == sorted([a.id_for(), b.id_for()])
+    assert ids(c.list(image=images["layers"].name)) == [a.id_for()]
+    assert ids(c.list(image=u.name)) == [u.id_for()]
+    # a tag, a digest or an ID still selects exactly one image
+    assert ids(c.list(image=a.ref("a"))) == [a.id_for()]
+    assert ids(c.list(image=b.ref("b"))) == [b.id_for()]
+    assert c.list(image=a.ref("latest")) == []
+    assert ids(c.list(image=u.digest_ref())) == [u.id_for()]
+    assert ids(c.list(image=b.id_for())) == [b.id_for()]
+    assert ids(c.list(image=b.id_for().split(":", 1)[1][:12])) == [b.id_for()]
+    # a repository whose name merely starts the same is another one; the handler scope is as for any filter
+    assert c.list(image=a.name[:-1]) == []
+    assert c.list(image=a.name + "/sub") == []
+    assert c.list(image=a.name, handler="kata") == []
+
+
 def test_list_matches_status(pulled, images):
     for i in pulled.client.list():
         s = pulled.client.image(i.id)
