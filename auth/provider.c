@@ -362,7 +362,7 @@ static int run_plugin(provider *p, int64_t timeout_ms, const char *image, keyrin
   json_object_object_add(req, "apiVersion", json_object_new_string(p->api_version));
   json_object_object_add(req, "kind", json_object_new_string("CredentialProviderRequest"));
   json_object_object_add(req, "image", json_object_new_string(image));
-  const char *req_s = json_object_to_json_string_ext(req, JSON_C_TO_STRING_PLAIN);
+  const char *req_s = json_object_to_json_string_ext(req, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
   auth_exec_options o = {
       .path = p->path,
       .argv = p->args,

@@ -6,8 +6,12 @@
 #include "fsutil.h"
 #include "json.h"
 
-int json_parse(const char *data, size_t len, const char *what, json_object **ret, crimage_error **err)
+static int parse(const char *data, size_t len, const char *what, bool utf8, json_object **ret, crimage_error **err)
 {
+  /* The whole text, strictly: json-c's own JSON_TOKENER_VALIDATE_UTF8 lets overlong forms and surrogates through.
+   * Escapes decode to valid UTF-8 (json-c makes a lone surrogate U+FFFD). */
+  if (utf8 && !utf8_valid(data, len))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: invalid JSON: not UTF-8", what);
   json_tokener *tok = json_tokener_new_ex(JSON_MAX_DEPTH);
   if (!tok)
     abort();
@@ -36,6 +40,16 @@ int json_parse(const char *data, size_t len, const char *what, json_object **ret
   }
   *ret = o;
   return 0;
+}
+
+int json_parse(const char *data, size_t len, const char *what, json_object **ret, crimage_error **err)
+{
+  return parse(data, len, what, true, ret, err);
+}
+
+int json_parse_any_bytes(const char *data, size_t len, const char *what, json_object **ret, crimage_error **err)
+{
+  return parse(data, len, what, false, ret, err);
 }
 
 static json_object *yaml_scalar(const yaml_event_t *ev)
@@ -247,7 +261,11 @@ const char *json_get_string(json_object *o, const char *key)
   json_object *v;
   if (!o || !json_object_object_get_ex(o, key, &v) || !json_object_is_type(v, json_type_string))
     return NULL;
-  return json_object_get_string(v);
+  const char *s = json_object_get_string(v);
+  /* "\u0000" inside a string: as a C string it would silently end there ("root\u0000junk" read as "root"). */
+  if (strlen(s) != (size_t) json_object_get_string_len(v))
+    return NULL;
+  return s;
 }
 
 json_object *json_get_object(json_object *o, const char *key)

@@ -144,12 +144,23 @@ int parse_duration_ms(const char *s, int64_t *ret_ms)
   double total = 0;
   const char *p = s;
   while (*p) {
-    char *end = NULL;
-    errno = 0;
-    double v = strtod(p, &end);
-    if (errno || end == p || v < 0 || *p == '+' || *p == '-')
+    /* Go's syntax, [0-9]*(.[0-9]*)?: strtod alone would also take a sign, an exponent, hex, "inf" and "nan" (and a
+     * NaN would make the conversion below undefined). */
+    size_t int_digits = strspn(p, "0123456789"), frac_digits = 0, n = int_digits;
+    if (p[n] == '.') {
+      frac_digits = strspn(p + n + 1, "0123456789");
+      n += 1 + frac_digits;
+    }
+    if (int_digits + frac_digits == 0 || n > 32)
       return -EINVAL;
-    p = end;
+    char num[33];
+    memcpy(num, p, n);
+    num[n] = '\0';
+    errno = 0;
+    double v = strtod(num, NULL);
+    if (errno)
+      return -ERANGE;
+    p += n;
     size_t i;
     for (i = 0; i < ARRAY_SIZE(units); i++) {
       size_t l = strlen(units[i].unit);
@@ -169,6 +180,86 @@ int parse_duration_ms(const char *s, int64_t *ret_ms)
   }
   *ret_ms = (int64_t) total;
   return 0;
+}
+
+/* The length of the well-formed UTF-8 sequence at p (left bytes there), or 0 when there is none. */
+static size_t utf8_seq(const unsigned char *p, size_t left)
+{
+  unsigned char c = *p;
+  if (c < 0x80)
+    return 1;
+  size_t n;
+  unsigned char lo = 0x80, hi = 0xbf; /* the allowed range of the second byte */
+  if (c >= 0xc2 && c <= 0xdf) {
+    n = 2;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    n = 3;
+    if (c == 0xe0)
+      lo = 0xa0; /* overlong */
+    else if (c == 0xed)
+      hi = 0x9f; /* surrogates */
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    n = 4;
+    if (c == 0xf0)
+      lo = 0x90; /* overlong */
+    else if (c == 0xf4)
+      hi = 0x8f; /* above U+10FFFF */
+  } else {
+    return 0; /* a continuation byte, an overlong lead (c0, c1) or f5..ff */
+  }
+  if (left < n || p[1] < lo || p[1] > hi)
+    return 0;
+  for (size_t i = 2; i < n; i++)
+    if (p[i] < 0x80 || p[i] > 0xbf)
+      return 0;
+  return n;
+}
+
+bool utf8_valid(const char *s, size_t len)
+{
+  const unsigned char *p = (const unsigned char *) s, *end = p + len;
+  while (p < end) {
+    size_t n = utf8_seq(p, (size_t) (end - p));
+    if (!n)
+      return false;
+    p += n;
+  }
+  return true;
+}
+
+size_t utf8_repair(char *s)
+{
+  size_t fixed = 0, len = strlen(s);
+  unsigned char *p = (unsigned char *) s, *end = p + len;
+  while (p < end) {
+    size_t n = utf8_seq(p, (size_t) (end - p));
+    if (!n) {
+      *p = '?';
+      fixed++;
+      n = 1;
+    }
+    p += n;
+  }
+  return fixed;
+}
+
+int parse_u64_decimal(const char *s, uint64_t *ret)
+{
+  if (str_empty(s))
+    return -EINVAL;
+  uint64_t v = 0;
+  bool overflow = false;
+  for (const char *p = s; *p; p++) {
+    if (*p < '0' || *p > '9')
+      return -EINVAL;
+    unsigned d = (unsigned) (*p - '0');
+    if (v > (UINT64_MAX - d) / 10)
+      overflow = true;
+    else
+      v = v * 10 + d;
+  }
+  *ret = overflow ? UINT64_MAX : v;
+  return overflow ? -ERANGE : 0;
 }
 
 int64_t now_monotonic_ms(void)

@@ -81,8 +81,22 @@ void secret_free(char *s);
 static inline void secret_freep(char **s) { secret_free(*s); }
 #define cleanup_secret _cleanup_(secret_freep)
 
-/* Parses a Kubernetes duration ("300ms", "10s", "5m", "1h30m"); ret in milliseconds. Returns 0 or -EINVAL. */
+/* Parses a Kubernetes duration ("300ms", "10s", "5m", "1h30m"); ret in milliseconds. Returns 0, -EINVAL, or -ERANGE
+ * beyond about 290,000 years. The numbers are plain decimals: no sign, exponent, hex, inf or nan. */
 int parse_duration_ms(const char *s, int64_t *ret_ms);
+
+/* A decimal number of digits only (no sign, space or prefix), as HTTP headers and our annotations write numbers.
+ * Returns 0; -EINVAL for anything else; -ERANGE when it does not fit, with *ret = UINT64_MAX so that a caller that
+ * caps the value can still use it. Never overflows. */
+int parse_u64_decimal(const char *s, uint64_t *ret);
+/* True when s[0..len) is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF),
+ * as protobuf requires of every string field: a reply with anything else is refused by strict clients. */
+bool utf8_valid(const char *s, size_t len);
+/* Replaces each byte of s that is not part of a well-formed UTF-8 sequence by '?', in place; returns how many. */
+size_t utf8_repair(char *s);
+
+/* a + b, or UINT64_MAX when the sum does not fit: for totals of sizes that came from outside. */
+static inline uint64_t u64_add_sat(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
 
 /* Monotonic and wall clocks in milliseconds / nanoseconds. */
 int64_t now_monotonic_ms(void);

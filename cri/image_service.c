@@ -8,12 +8,11 @@
 #include "common/util.h"
 #include "cri/api.pb-c.h"
 #include "cri/image_service.h"
+#include "pull/manifest.h"
 #include "pull/reference.h"
 
 /* The deprecated pod annotation that selected a runtime handler before ImageSpec.runtime_handler existed. */
 #define ANNOTATION_RUNTIME_HANDLER "io.containerd.cri.runtime-handler"
-/* An image config is small; anything larger is not one we wrote. */
-#define CONFIG_MAX_SIZE (4 * 1024 * 1024)
 
 struct image_service {
   store *store;
@@ -120,9 +119,27 @@ static bool is_pinned(const image_service *svc, const store_image *img)
   return false;
 }
 
+/* A handler is a key of the store and goes into every reply that lists its images: it must be a name as kubelet
+ * can send one (RuntimeClass.handler, a DNS label). The value is shown only when it is short and printable. */
+static int invalid_handler(const char *h, crimage_error **err)
+{
+  bool printable = strlen(h) <= 2 * STORE_HANDLER_MAX_LEN;
+  for (const char *p = h; *p && printable; p++)
+    printable = *p >= 0x20 && *p < 0x7f;
+  return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                           "invalid runtime handler%s%s%s: a handler is a DNS label (at most %d of a-z, 0-9 and '-', "
+                           "starting and ending with a letter or digit), as in RuntimeClass.handler",
+                           printable ? " \"" : "", printable ? h : "", printable ? "\"" : "", STORE_HANDLER_MAX_LEN);
+}
+
 int image_service_new(store *st, puller *p, const image_service_options *opts, image_service **ret,
                       crimage_error **err)
 {
+  for (size_t i = 0; i < opts->n_handlers; i++)
+    if (!store_handler_valid(opts->handlers[i].name) || !*opts->handlers[i].name) {
+      invalid_handler(opts->handlers[i].name, err);
+      return crimage_error_wrap(err, "runtimeHandlers");
+    }
   cleanup_strv char **pinned = NULL;
   int r = normalize_pinned(opts->pinned_images,
                            opts->default_registry ? opts->default_registry : REFERENCE_DEFAULT_REGISTRY, &pinned, err);
@@ -248,6 +265,8 @@ static int resolve_handler(const image_service *svc, const Runtime__V1__ImageSpe
       if (streq(sandbox->annotations[i]->key, ANNOTATION_RUNTIME_HANDLER) && sandbox->annotations[i]->value)
         h = sandbox->annotations[i]->value;
   }
+  if (!store_handler_valid(h))
+    return invalid_handler(h, err);
   if (*h && svc->reject_unknown_handlers && !find_handler(svc, h))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown runtime handler \"%s\"", h);
   *ret = h;
@@ -311,7 +330,8 @@ static int build_info(image_service *svc, const store_image *img, char **ret_jso
 {
   cleanup_free char *data = NULL;
   size_t len = 0;
-  int r = store_blob_read(store_for(svc, img->handler), img->id, CONFIG_MAX_SIZE, &data, &len, err);
+  /* The pull's own limit: every config it accepted can be shown. */
+  int r = store_blob_read(store_for(svc, img->handler), img->id, IMAGE_CONFIG_MAX_SIZE, &data, &len, err);
   if (r < 0)
     return crimage_error_wrap(err, "reading the config of %s", img->id);
   cleanup_json json_object *config = NULL;
@@ -324,7 +344,8 @@ static int build_info(image_service *svc, const store_image *img, char **ret_jso
   json_object_object_add(info, "imageSpec", json_object_get(config));
   json_object_object_add(info, "runtimeHandler", json_object_new_string(img->handler));
   json_object_object_add(info, "manifestDigest", json_object_new_string(img->manifest_digest));
-  *ret_json = xstrdup(json_object_to_json_string_ext(info, JSON_C_TO_STRING_PLAIN));
+  /* As Go's encoding/json writes it (containerd's info): a "/" stays a "/". */
+  *ret_json = xstrdup(json_object_to_json_string_ext(info, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
   json_object_put(info);
   return 0;
 }
@@ -440,6 +461,77 @@ static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMe
 
 /* ---- ListImages ---- */
 
+/* The normalized repository a filter names when it names one without a tag or digest ("busybox" ->
+ * "docker.io/library/busybox"); NULL for an image ID, a reference with a tag or digest, or no reference. */
+static char *filter_repository(const image_service *svc, const char *name)
+{
+  if (str_has_prefix(name, "sha256:") || (strlen(name) == 64 && is_hex(name)))
+    return NULL;
+  cleanup_error crimage_error *e = NULL;
+  cleanup_reference image_ref *ref = NULL;
+  if (reference_parse(name, svc->default_registry, &ref, &e) < 0 || ref->tag_given || ref->digest)
+    return NULL;
+  return reference_name(ref);
+}
+
+static bool in_repository(const store_image *img, const char *repo)
+{
+  size_t l = strlen(repo);
+  for (char **t = img->repo_tags; t && *t; t++)
+    if (strncmp(*t, repo, l) == 0 && (*t)[l] == ':')
+      return true;
+  for (char **d = img->repo_digests; d && *d; d++)
+    if (strncmp(*d, repo, l) == 0 && (*d)[l] == '@')
+      return true;
+  return false;
+}
+
+/* Every image of handler with a name in repo (as `docker images busybox` and CRI-O list every tag). */
+static int list_repository(image_service *svc, const char *handler, const char *repo, store_image ***ret,
+                           size_t *ret_n, crimage_error **err)
+{
+  store_image **all = NULL;
+  size_t n = 0, kept = 0;
+  int r = store_list_images(store_for(svc, handler), handler, &all, &n, err);
+  if (r < 0)
+    return r;
+  for (size_t i = 0; i < n; i++) {
+    if (in_repository(all[i], repo))
+      all[kept++] = all[i];
+    else
+      store_image_free(all[i]);
+  }
+  *ret = all;
+  *ret_n = kept;
+  return 0;
+}
+
+/* The images of handler a filter naming an image selects: every image of a repository named without tag or digest
+ * (as `docker images busybox` and CRI-O), else the one image a tag, a digest or an ID names. */
+static int select_named(image_service *svc, const char *handler, const char *name, store_image ***ret,
+                        size_t *ret_n, crimage_error **err)
+{
+  cleanup_free char *repo = filter_repository(svc, name);
+  if (repo) {
+    int r = list_repository(svc, handler, repo, ret, ret_n, err);
+    /* A short hex string that names no repository with images may still be an ID prefix. */
+    if (r < 0 || *ret_n > 0 || !is_hex(name))
+      return r;
+    free(*ret);
+    *ret = NULL;
+  }
+  store_image *img = NULL;
+  int r = lookup_image(svc, handler, name, &img, err);
+  if (r < 0)
+    return r;
+  if (img) {
+    *ret = xmalloc(sizeof(**ret));
+    (*ret)[0] = img;
+    *ret_n = 1;
+  }
+  return 0;
+}
+
 /* The images an ImageFilter selects; shared by ListImages and StreamImages. */
 static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filter, store_image ***ret,
                        size_t *ret_n, crimage_error **err)
@@ -453,15 +545,9 @@ static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filte
   store_image **list = NULL;
   size_t n = 0;
   if (spec && !str_empty(spec->image)) {
-    store_image *img = NULL;
-    r = lookup_image(svc, handler, spec->image, &img, err);
+    r = select_named(svc, handler, spec->image, &list, &n, err);
     if (r < 0)
       return r;
-    if (img) {
-      list = xmalloc(sizeof(*list));
-      list[0] = img;
-      n = 1;
-    }
   } else {
     /* No handler in the filter lists the images of every handler: kubelet's image GC needs them all and tells them
      * apart by Image.spec.runtime_handler. */
@@ -979,6 +1065,15 @@ void image_service_reconcile(void *userdata)
 
 int image_service_register(image_service *svc, rpc_server *server, crimage_error **err)
 {
+  /* Store errors name files by their path; a client sees them relative to the store. */
+  rpc_server_hide_path(server, store_root(svc->store), "<store>");
+  for (size_t i = 0; i < svc->n_handler_stores; i++) {
+    const handler_store *hs = &svc->handler_stores[i];
+    if (hs->store != svc->store) {
+      cleanup_free char *name = xasprintf("<store of handler %s>", hs->handler);
+      rpc_server_hide_path(server, store_root(hs->store), name);
+    }
+  }
   return rpc_server_add_service(server, &runtime__v1__image_service__descriptor, image_methods,
                                 ARRAY_SIZE(image_methods), svc, err);
 }

@@ -14,23 +14,33 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include "common/dynbuf.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "cri/server.h"
+#include "cri/wire.h"
 
 typedef struct rpc_service {
   const ProtobufCServiceDescriptor *desc;
   const rpc_method *methods;
   size_t n_methods;
   void *userdata;
+  /* Per method: its handle in the core (grpc_server_register_method) and its path "/<service>/<method>". */
+  void **registered;
+  char **paths;
 } rpc_service;
 
-/* A call the core has not handed us yet, or just has. */
+/* A call the core has not handed us yet, or just has. A call of a registered method (svc set) comes with its
+ * request message already read (payload); any other one is for a method we do not serve. */
 typedef struct pending_call {
   grpc_call *call;
   grpc_call_details details;
   grpc_metadata_array metadata;
   grpc_completion_queue *cq; /* the call's own queue (pluck) */
+  size_t svc, method;        /* the registered method, when registered */
+  bool registered;
+  gpr_timespec deadline;
+  grpc_byte_buffer *payload;
 } pending_call;
 
 struct rpc_server {
@@ -38,6 +48,9 @@ struct rpc_server {
   grpc_completion_queue *cq; /* notifications of new calls */
   rpc_service *services;
   size_t n_services;
+  /* Host paths (hidden_paths[i]) that error messages show to clients as hidden_names[i]; set before start. */
+  char **hidden_paths, **hidden_names;
+  size_t n_hidden;
 
   int listen_fd;
   int wake_fd; /* eventfd that stops the accept loop */
@@ -68,6 +81,8 @@ struct rpc_call {
   const rpc_service *service;
   const rpc_method *method;
   const ProtobufCMethodDescriptor *method_desc;
+  bool registered;           /* the core read the request before handing the call over: */
+  grpc_byte_buffer *payload; /*   it is here (NULL: the client sent none) */
 
   pthread_mutex_t lock; /* serialises plucks on cq from several threads */
   int close_cancelled;  /* written by the core when RECV_CLOSE_ON_SERVER completes */
@@ -75,6 +90,9 @@ struct rpc_call {
   bool cancelled;
   bool sent_initial_metadata;
 };
+
+/* Requests for new calls kept outstanding per registered method (and for unknown methods). */
+#define RPC_REQUESTS_PER_METHOD 2
 
 /* Tags for events on the per-call queue. */
 static char tag_close, tag_batch;
@@ -100,6 +118,9 @@ int rpc_server_new(rpc_server **ret, crimage_error **err)
       {.type = GRPC_ARG_INTEGER, .key = (char *) GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
        .value.integer = RPC_MAX_MESSAGE_SIZE},
       {.type = GRPC_ARG_INTEGER, .key = (char *) GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = -1},
+      /* What one connection can make the core hold, calls waiting for their request included. */
+      {.type = GRPC_ARG_INTEGER, .key = (char *) GRPC_ARG_MAX_CONCURRENT_STREAMS,
+       .value.integer = RPC_MAX_STREAMS_PER_CONNECTION},
   };
   grpc_channel_args cargs = {.num_args = ARRAY_SIZE(args), .args = args};
   s->server = grpc_server_create(&cargs, NULL);
@@ -117,9 +138,72 @@ int rpc_server_add_service(rpc_server *s, const ProtobufCServiceDescriptor *serv
       return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "service %s has no method %s", service->name,
                                methods[i].name);
   }
+  /* Registered with the core, a method's calls reach us only once their request message has arrived: a client
+   * that opens calls and never sends one holds no worker (the core keeps the stream, at most
+   * RPC_MAX_STREAMS_PER_CONNECTION of them per connection). */
+  rpc_service svc = {service, methods, n_methods, userdata, xcalloc(n_methods, sizeof(void *)),
+                     xcalloc(n_methods, sizeof(char *))};
+  for (size_t i = 0; i < n_methods; i++) {
+    svc.paths[i] = xasprintf("/%s/%s", service->name, methods[i].name);
+    svc.registered[i] =
+        grpc_server_register_method(s->server, svc.paths[i], NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    if (!svc.registered[i]) {
+      int r = crimage_error_set(err, CRIMAGE_INTERNAL, 0, "cannot register method %s", svc.paths[i]);
+      for (size_t j = 0; j <= i; j++)
+        free(svc.paths[j]);
+      free(svc.paths);
+      free(svc.registered);
+      return r;
+    }
+  }
   s->services = xrealloc(s->services, (s->n_services + 1) * sizeof(*s->services));
-  s->services[s->n_services++] = (rpc_service){service, methods, n_methods, userdata};
+  s->services[s->n_services++] = svc;
   return 0;
+}
+
+void rpc_server_hide_path(rpc_server *s, const char *path, const char *name)
+{
+  /* "/" (or "") would turn every message into nonsense: there is nothing to hide in it anyway. */
+  if (!path || strlen(path) < 2)
+    return;
+  s->hidden_paths = xrealloc(s->hidden_paths, (s->n_hidden + 1) * sizeof(char *));
+  s->hidden_names = xrealloc(s->hidden_names, (s->n_hidden + 1) * sizeof(char *));
+  s->hidden_paths[s->n_hidden] = xstrdup(path);
+  s->hidden_names[s->n_hidden] = xstrdup(name);
+  s->n_hidden++;
+}
+
+/* A path character: a hidden path matches only where the next character is none of these, so /var/lib/crimage
+ * does not match the start of /var/lib/crimage2. */
+static bool is_path_char(char ch)
+{
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || strchr("._-+~@", ch);
+}
+
+/* The message as a client sees it: every hidden host path replaced by its name (the longest match wins, so a
+ * store nested in another is named as itself). */
+char *rpc_server_redact(const rpc_server *s, const char *msg)
+{
+  cleanup_dynbuf dynbuf out;
+  dynbuf_init(&out, RPC_MAX_STATUS_MESSAGE); /* a longer message is cut there */
+  for (const char *p = msg; *p;) {
+    size_t best = SIZE_MAX, best_len = 0;
+    for (size_t i = 0; i < s->n_hidden; i++) {
+      size_t l = strlen(s->hidden_paths[i]);
+      if (l > best_len && strncmp(p, s->hidden_paths[i], l) == 0 && (!p[l] || !is_path_char(p[l]))) {
+        best = i;
+        best_len = l;
+      }
+    }
+    if (best != SIZE_MAX) {
+      (void) dynbuf_append_str(&out, s->hidden_names[best]);
+      p += best_len;
+    } else {
+      (void) dynbuf_append(&out, p, 1);
+      p++;
+    }
+  }
+  return dynbuf_take(&out, NULL);
 }
 
 /* "/runtime.v1.ImageService/PullImage" -> service and method; either may stay NULL. */
@@ -180,8 +264,12 @@ bool rpc_call_cancelled(rpc_call *c)
 
 const char *rpc_call_method(const rpc_call *c) { return c->method_path; }
 
-static grpc_byte_buffer *pack_message(const ProtobufCMessage *msg)
+static grpc_byte_buffer *pack_message(const rpc_call *c, const ProtobufCMessage *msg)
 {
+  /* Replies are built by the handlers, in memory of their own: repairing them in place is safe. */
+  const char *field = NULL;
+  if (wire_repair_strings((ProtobufCMessage *) msg, &field) > 0)
+    log_warn("%s: the reply's %s field was not valid UTF-8; sent with '?' for the bad bytes", c->method_path, field);
   size_t len = protobuf_c_message_get_packed_size(msg);
   grpc_slice slice = grpc_slice_malloc(len);
   protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
@@ -209,7 +297,7 @@ int rpc_call_send(rpc_call *c, const ProtobufCMessage *msg, crimage_error **err)
     ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     c->sent_initial_metadata = true;
   }
-  grpc_byte_buffer *bb = pack_message(msg);
+  grpc_byte_buffer *bb = pack_message(c, msg);
   ops[n].op = GRPC_OP_SEND_MESSAGE;
   ops[n++].data.send_message.send_message = bb;
   bool ok = run_batch(c, ops, n);
@@ -232,7 +320,7 @@ static void send_status(rpc_call *c, grpc_status_code code, const char *details,
     c->sent_initial_metadata = true;
   }
   if (reply) {
-    bb = pack_message(reply);
+    bb = pack_message(c, reply);
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n++].data.send_message.send_message = bb;
   }
@@ -246,31 +334,71 @@ static void send_status(rpc_call *c, grpc_status_code code, const char *details,
   grpc_slice_unref(details_slice);
 }
 
-/* Receives the single request message; NULL (with *ret_status set) when there is none or it does not parse. */
-static ProtobufCMessage *receive_request(rpc_call *c, grpc_status_code *ret_status, char **ret_details)
+/* Receives a message on a call that did not come with its request, waiting RPC_RECEIVE_TIMEOUT_MS at most: a
+ * client that never sends must not hold the worker. False (and *ret NULL) when none came. */
+static bool receive_message(rpc_call *c, grpc_byte_buffer **ret)
 {
-  grpc_byte_buffer *bb = NULL;
   grpc_op op;
   memset(&op, 0, sizeof(op));
   op.op = GRPC_OP_RECV_MESSAGE;
-  op.data.recv_message.recv_message = &bb;
-  if (!run_batch(c, &op, 1) || !bb) {
+  op.data.recv_message.recv_message = ret;
+  *ret = NULL;
+  if (grpc_call_start_batch(c->call, &op, 1, &tag_batch, NULL) != GRPC_CALL_OK)
+    return false;
+  gpr_timespec deadline =
+      gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(RPC_RECEIVE_TIMEOUT_MS, GPR_TIMESPAN));
+  pthread_mutex_lock(&c->lock);
+  grpc_event ev = grpc_completion_queue_pluck(c->cq, &tag_batch, deadline, NULL);
+  pthread_mutex_unlock(&c->lock);
+  if (ev.type == GRPC_QUEUE_TIMEOUT) {
+    log_info("%s: no request message within %d ms; cancelling the call", c->method_path, RPC_RECEIVE_TIMEOUT_MS);
+    grpc_call_cancel_with_status(c->call, GRPC_STATUS_DEADLINE_EXCEEDED, "no request message in time", NULL);
+    /* A cancelled call completes its pending batch: wait for it, its buffer is ours until then. */
+    call_wait(c, &tag_batch, gpr_inf_future(GPR_CLOCK_MONOTONIC));
+    if (*ret)
+      grpc_byte_buffer_destroy(*ret);
+    *ret = NULL;
+    return false;
+  }
+  return ev.type == GRPC_OP_COMPLETE && ev.success && *ret;
+}
+
+/* The single request message: for a registered method the one the core read before handing the call over, else
+ * one received here. NULL (with *ret_status set) when there is none or it does not parse. */
+static ProtobufCMessage *receive_request(rpc_call *c, grpc_status_code *ret_status, char **ret_details)
+{
+  grpc_byte_buffer *bb = NULL;
+  if (c->registered)
+    bb = TAKE_PTR(c->payload);
+  else
+    receive_message(c, &bb);
+  if (!bb) {
     *ret_status = GRPC_STATUS_INVALID_ARGUMENT;
     *ret_details = xasprintf("%s: no request message", c->method_path);
     return NULL;
   }
   grpc_byte_buffer_reader reader;
   ProtobufCMessage *msg = NULL;
+  cleanup_error crimage_error *bad = NULL;
   if (grpc_byte_buffer_reader_init(&reader, bb)) {
     grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
     grpc_byte_buffer_reader_destroy(&reader);
-    msg = protobuf_c_message_unpack(c->method_desc->input, NULL, GRPC_SLICE_LENGTH(slice),
-                                    GRPC_SLICE_START_PTR(slice));
+    /* Strings with a NUL or that are not UTF-8 are refused before unpacking, which would hide the first and keep
+     * the second. */
+    int r = wire_validate(c->method_desc->input, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_LENGTH(slice), &bad);
+    if (r == 0)
+      msg = protobuf_c_message_unpack(c->method_desc->input, NULL, GRPC_SLICE_LENGTH(slice),
+                                      GRPC_SLICE_START_PTR(slice));
     /* The copy is ours and a PullImage request can carry a password: wipe it before it goes back to the heap. */
     explicit_bzero(GRPC_SLICE_START_PTR(slice), GRPC_SLICE_LENGTH(slice));
     grpc_slice_unref(slice);
   }
   grpc_byte_buffer_destroy(bb);
+  if (bad) {
+    *ret_status = (grpc_status_code) bad->status;
+    *ret_details = xasprintf("%s: %s", c->method_path, bad->message);
+    return NULL;
+  }
   if (!msg) {
     *ret_status = GRPC_STATUS_INVALID_ARGUMENT;
     *ret_details = xasprintf("%s: the request is not a valid %s message", c->method_path, c->method_desc->input->name);
@@ -314,9 +442,11 @@ static void serve_call(rpc_call *c)
         if (st == CRIMAGE_OK)
           st = CRIMAGE_INTERNAL;
         const char *msg = err ? err->message : "internal error";
+        /* The log (read by the node's admin) has the whole message; the client gets it without host paths. */
         log_msg(st == CRIMAGE_INTERNAL || st == CRIMAGE_DATA_LOSS ? LOG_ERR : LOG_INFO, "%s: %s: %s",
                 c->method_path, crimage_status_name(st), msg);
-        send_status(c, (grpc_status_code) st, msg, NULL);
+        cleanup_free char *shown = rpc_server_redact(c->server, msg);
+        send_status(c, (grpc_status_code) st, shown, NULL);
         crimage_error_free(err);
         if (reply)
           protobuf_c_message_free_unpacked(reply, NULL);
@@ -348,6 +478,8 @@ static void finish_call(rpc_call *c)
     ;
   grpc_completion_queue_destroy(c->cq);
   pthread_mutex_destroy(&c->lock);
+  if (c->payload) /* an unknown method's call that came with a message anyway */
+    grpc_byte_buffer_destroy(c->payload);
   free(c->method_path);
   free(c);
 
@@ -403,13 +535,21 @@ static void *worker_thread(void *arg)
   return NULL;
 }
 
-static bool request_call(rpc_server *s)
+/* Asks the core for the next call of method (svc, method) when registered, else of any method we did not
+ * register. */
+static bool request_call(rpc_server *s, bool registered, size_t svc, size_t method)
 {
   pending_call *p = xcalloc(1, sizeof(*p));
   grpc_call_details_init(&p->details);
   grpc_metadata_array_init(&p->metadata);
   p->cq = grpc_completion_queue_create_for_pluck(NULL);
-  grpc_call_error e = grpc_server_request_call(s->server, &p->call, &p->details, &p->metadata, p->cq, s->cq, p);
+  p->registered = registered;
+  p->svc = svc;
+  p->method = method;
+  grpc_call_error e =
+      registered ? grpc_server_request_registered_call(s->server, s->services[svc].registered[method], &p->call,
+                                                       &p->deadline, &p->metadata, &p->payload, p->cq, s->cq, p)
+                 : grpc_server_request_call(s->server, &p->call, &p->details, &p->metadata, p->cq, s->cq, p);
   if (e != GRPC_CALL_OK) {
     log_error("grpc_server_request_call failed (%d)", (int) e);
     grpc_call_details_destroy(&p->details);
@@ -428,10 +568,20 @@ static void start_call(rpc_server *s, pending_call *p)
   c->server = s;
   c->call = p->call;
   c->cq = p->cq;
-  c->method_path = xstrndup((const char *) GRPC_SLICE_START_PTR(p->details.method),
-                            GRPC_SLICE_LENGTH(p->details.method));
   pthread_mutex_init(&c->lock, NULL);
-  lookup_method(s, c->method_path, c);
+  if (p->registered) {
+    const rpc_service *svc = &s->services[p->svc];
+    c->registered = true;
+    c->payload = TAKE_PTR(p->payload);
+    c->method_path = xstrdup(svc->paths[p->method]);
+    c->service = svc;
+    c->method = &svc->methods[p->method];
+    c->method_desc = protobuf_c_service_descriptor_get_method_by_name(svc->desc, c->method->name);
+  } else {
+    c->method_path = xstrndup((const char *) GRPC_SLICE_START_PTR(p->details.method),
+                              GRPC_SLICE_LENGTH(p->details.method));
+    lookup_method(s, c->method_path, c);
+  }
 
   pthread_mutex_lock(&s->lock);
   s->active++;
@@ -468,9 +618,14 @@ static void start_call(rpc_server *s, pending_call *p)
 static void *dispatch_thread(void *arg)
 {
   rpc_server *s = arg;
-  /* Keep a few requests outstanding so a burst of calls does not wait for this loop. */
-  for (int i = 0; i < 4; i++)
-    request_call(s);
+  /* Keep a few requests outstanding so a burst of calls does not wait for this loop: per registered method, and
+   * for the calls of unknown methods. */
+  for (size_t i = 0; i < s->n_services; i++)
+    for (size_t j = 0; j < s->services[i].n_methods; j++)
+      for (int k = 0; k < RPC_REQUESTS_PER_METHOD; k++)
+        request_call(s, true, i, j);
+  for (int k = 0; k < RPC_REQUESTS_PER_METHOD; k++)
+    request_call(s, false, 0, 0);
   for (;;) {
     grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
     if (ev.type == GRPC_QUEUE_SHUTDOWN)
@@ -478,10 +633,14 @@ static void *dispatch_thread(void *arg)
     if (ev.type != GRPC_OP_COMPLETE || ev.tag == &tag_shutdown)
       continue;
     pending_call *p = ev.tag;
+    bool registered = p->registered;
+    size_t svc = p->svc, method = p->method;
     if (ev.success) {
       start_call(s, p);
     } else {
       /* The server is shutting down: the request will never be a call. */
+      if (p->payload)
+        grpc_byte_buffer_destroy(p->payload);
       grpc_completion_queue_shutdown(p->cq);
       grpc_completion_queue_destroy(p->cq);
     }
@@ -492,7 +651,7 @@ static void *dispatch_thread(void *arg)
     bool stopping = s->shutting_down;
     pthread_mutex_unlock(&s->lock);
     if (ev.success && !stopping)
-      request_call(s);
+      request_call(s, registered, svc, method);
   }
   return NULL;
 }
@@ -618,7 +777,19 @@ void rpc_server_free(rpc_server *s)
   pthread_mutex_destroy(&s->lock);
   pthread_cond_destroy(&s->idle);
   pthread_cond_destroy(&s->work);
+  for (size_t i = 0; i < s->n_services; i++) {
+    for (size_t j = 0; j < s->services[i].n_methods; j++)
+      free(s->services[i].paths[j]);
+    free(s->services[i].paths);
+    free(s->services[i].registered);
+  }
   free(s->services);
+  for (size_t i = 0; i < s->n_hidden; i++) {
+    free(s->hidden_paths[i]);
+    free(s->hidden_names[i]);
+  }
+  free(s->hidden_paths);
+  free(s->hidden_names);
   free(s);
   grpc_shutdown();
 }

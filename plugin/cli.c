@@ -866,10 +866,6 @@ static void inspect_print_table(const crimage_image *img)
     cleanup_free char *p = cli_printable(img->runtime_handler);
     printf("Handler:  %s\n", p);
   }
-  if (!str_empty(img->image_source)) {
-    cleanup_free char *p = cli_printable(img->image_source);
-    printf("Source:   %s\n", p);
-  }
   printf("Pinned:   %s\n", img->pinned ? "true" : "false");
 }
 

@@ -190,8 +190,6 @@ json_object *cli_image_to_json(const crimage_image *img)
   }
   json_object_object_add(o, "spec", spec);
   json_object_object_add(o, "pinned", json_object_new_boolean(img->pinned));
-  if (!str_empty(img->image_source))
-    json_object_object_add(o, "imageSource", json_object_new_string(img->image_source));
   return o;
 }
 

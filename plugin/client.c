@@ -96,7 +96,6 @@ static crimage_image *image_from_proto(const Runtime__V1__Image *p)
     img->runtime_handler = xstrdup("");
   }
   img->pinned = p->pinned;
-  img->image_source = xstrdup(p->image_source ? p->image_source : "");
   return img;
 }
 
@@ -110,7 +109,6 @@ void crimage_image_free(crimage_image *img)
   free(img->username);
   free(img->spec_image);
   free(img->runtime_handler);
-  free(img->image_source);
   free(img);
 }
 

@@ -21,7 +21,7 @@ void config_init(crimaged_config *cfg)
       .pull_min_throughput = 1024,
       .pull_min_throughput_window_ms = 30 * 1000,
       .verify_diff_ids = true,
-      .serialize_image_pulls = true,
+      .serialize_image_pulls = false,
       .max_parallel_image_pulls = 0,
       .pull_backoff_enabled = true,
       .pull_backoff_initial_ms = 10 * 1000,

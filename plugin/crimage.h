@@ -92,7 +92,6 @@ typedef struct crimage_image {
   char *spec_image;     /*   its image ("" if none) */
   char *runtime_handler; /*  and runtime handler ("" if none) */
   bool pinned;
-  char *image_source;   /* registry endpoint the image came from, "" if unknown */
 } crimage_image;
 
 typedef struct crimage_fs_usage {

@@ -10,6 +10,15 @@
 #include "common/json.h"
 #include "common/util.h"
 
+uint64_t manifest_image_size(const manifest *m, size_t manifest_len)
+{
+  /* Descriptor sizes are checked to be >= 0 when parsed. */
+  uint64_t total = u64_add_sat(manifest_len, (uint64_t) m->config.size);
+  for (size_t i = 0; i < m->n_layers; i++)
+    total = u64_add_sat(total, (uint64_t) m->layers[i].size);
+  return total > INT64_MAX ? INT64_MAX : total;
+}
+
 bool manifest_media_type_is_index(const char *mt)
 {
   return mt && (streq(mt, MEDIA_TYPE_OCI_INDEX) || streq(mt, MEDIA_TYPE_DOCKER_LIST));
@@ -294,7 +303,16 @@ int image_config_parse(const char *data, size_t len, size_t n_layers, size_t n_s
     return r;
   if (!json_object_is_type(root, json_type_object))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config is not a JSON object");
-  const char *user = json_get_string(json_get_object(root, "config"), "User");
+  json_object *cfg = json_get_object(root, "config"), *uo = NULL;
+  const char *user = json_get_string(cfg, "User");
+  /* The user goes to kubelet (Image.uid / username, checked against runAsNonRoot): one that a C string would cut
+   * short ("nobody\u0000") or that holds control characters is refused, not reported as something else. */
+  if (!user && cfg && json_object_object_get_ex(cfg, "User", &uo) && json_object_is_type(uo, json_type_string))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config: config.User contains a NUL byte");
+  for (const unsigned char *p = (const unsigned char *) (user ? user : ""); *p; p++)
+    if (*p < 0x20 || *p == 0x7f)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config: config.User contains a control "
+                                                                 "character");
   json_object *ids = json_get_array(json_get_object(root, "rootfs"), "diff_ids");
   size_t n = ids ? json_object_array_length(ids) : 0;
   char **diff_ids = NULL;

@@ -24,6 +24,7 @@
 #define MANIFEST_MAX_SIZE (4u * 1024 * 1024)
 #define MANIFEST_MAX_LAYERS 1000
 #define MANIFEST_MAX_ENTRIES 1000 /* manifests in an index */
+/* The one limit of an image config: the pull refuses a larger one and ImageStatus reads any it accepted. */
 #define IMAGE_CONFIG_MAX_SIZE (8u * 1024 * 1024)
 
 typedef struct manifest_descriptor {
@@ -58,6 +59,11 @@ int manifest_parse(const char *data, size_t len, const char *content_type, manif
 void manifest_free(manifest *m);
 static inline void manifest_freep(manifest **m) { manifest_free(*m); }
 #define cleanup_manifest __attribute__((cleanup(manifest_freep)))
+
+/* The bytes of an image: its manifest (manifest_len) + config + layers as the manifest gives them, capped at
+ * INT64_MAX: the sizes come from the registry, and a sum of them must neither wrap nor read as negative to kubelet
+ * (which takes Image.size as an int64). */
+uint64_t manifest_image_size(const manifest *m, size_t manifest_len);
 
 bool manifest_media_type_is_index(const char *media_type);
 bool manifest_media_type_is_image(const char *media_type);

@@ -209,8 +209,9 @@ static void recount_done(entry *e)
 {
   uint64_t done = 0, total = 0;
   for (size_t i = 0; i < e->p.n_blobs; i++) {
-    done += e->p.blobs[i].done;
-    total += e->p.blobs[i].total;
+    /* Sizes from a registry: a sum of them saturates rather than wraps. */
+    done = u64_add_sat(done, e->p.blobs[i].done);
+    total = u64_add_sat(total, e->p.blobs[i].total);
   }
   e->p.bytes_done = done;
   /* RESOLVED gives the size of the whole image; until then (or should it be short) the blobs seen so far. */

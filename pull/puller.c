@@ -826,9 +826,7 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
   }
   manifest *m = st->m;
 
-  uint64_t total = st->body_len + (uint64_t) m->config.size;
-  for (size_t i = 0; i < m->n_layers; i++)
-    total += (uint64_t) m->layers[i].size;
+  uint64_t total = manifest_image_size(m, st->body_len);
   emit(req, PULL_EVENT_RESOLVED, NULL, 0, total);
 
   cleanup_store_image store_image *stored = already_stored(p, req, handler, m->config.digest, manifest_digest);

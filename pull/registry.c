@@ -493,15 +493,26 @@ static long current_status(xfer_ctx *ctx)
 
 static char *header_get(const xfer_ctx *ctx, const char *name);
 
+bool registry_content_range_first(const char *value, uint64_t *ret_first)
+{
+  if (!value || strncasecmp(value, "bytes ", 6) != 0)
+    return false;
+  const char *p = value + 6;
+  size_t n = strspn(p, "0123456789");
+  if (n == 0 || n > 20 || p[n] != '-')
+    return false;
+  char num[21];
+  memcpy(num, p, n);
+  num[n] = '\0';
+  return parse_u64_decimal(num, ret_first) == 0;
+}
+
 /* A 206 must continue exactly where we asked ("Content-Range: bytes <offset>-<last>/<size>"). */
 static bool range_matches(const xfer_ctx *ctx)
 {
   cleanup_free char *cr = header_get(ctx, "Content-Range");
-  unsigned long long start;
-  char unit[8];
-  if (!cr || sscanf(cr, "%7s %llu-", unit, &start) != 2 || strcasecmp(unit, "bytes") != 0)
-    return false;
-  return start == ctx->offset;
+  uint64_t start;
+  return registry_content_range_first(cr, &start) && start == ctx->offset;
 }
 
 static size_t write_cb(char *data, size_t size, size_t n, void *userdata)
@@ -1155,16 +1166,37 @@ static int authenticate(registry_repo *r, const char *www_authenticate, unsigned
  * the challenge is answered and the request repeated once. */
 /* How long to wait before retrying a 429/5xx: the registry's Retry-After (delta-seconds) when it sends one, capped,
  * else an exponential back-off. */
+int64_t registry_retry_after_ms(const char *value, int64_t now_s)
+{
+  if (str_empty(value))
+    return -1;
+  uint64_t s = 0;
+  int r = parse_u64_decimal(value, &s);
+  if (r == 0 || r == -ERANGE) /* a number too large to hold is capped like any large one */
+    return s >= REGISTRY_MAX_RETRY_AFTER_MS / 1000 ? REGISTRY_MAX_RETRY_AFTER_MS : (int64_t) s * 1000;
+  time_t when = curl_getdate(value, NULL);
+  if (when == (time_t) -1)
+    return -1;
+  if ((int64_t) when <= now_s)
+    return 0;
+  uint64_t wait_s = (uint64_t) ((int64_t) when - now_s);
+  return wait_s >= REGISTRY_MAX_RETRY_AFTER_MS / 1000 ? REGISTRY_MAX_RETRY_AFTER_MS : (int64_t) wait_s * 1000;
+}
+
+int64_t registry_content_length(const char *value)
+{
+  uint64_t v = 0;
+  if (parse_u64_decimal(value, &v) < 0 || v > INT64_MAX)
+    return -1;
+  return (int64_t) v;
+}
+
 static int64_t retry_delay_ms(const xfer_ctx *ctx, int retries)
 {
   cleanup_free char *ra = header_get(ctx, "Retry-After");
-  if (ra) {
-    char *end = NULL;
-    errno = 0;
-    long long v = strtoll(ra, &end, 10);
-    if (errno == 0 && end != ra && *end == 0 && v >= 0)
-      return v * 1000 < REGISTRY_MAX_RETRY_AFTER_MS ? v * 1000 : REGISTRY_MAX_RETRY_AFTER_MS;
-  }
+  int64_t ms = registry_retry_after_ms(ra, now_realtime_ns() / 1000000000);
+  if (ms >= 0)
+    return ms;
   return 500LL << retries;
 }
 
@@ -1262,13 +1294,19 @@ static bool reference_safe(const char *s)
   return true;
 }
 
+/* "manifest <repo>:<tag>" or "manifest <repo>@<digest>", as a reference is written. */
+static char *manifest_what(const registry_repo *r, const char *reference, const char *suffix)
+{
+  return xasprintf("manifest %s%c%s%s", r->name, strchr(reference, ':') ? '@' : ':', reference, suffix);
+}
+
 int registry_get_manifest(registry_repo *r, const char *reference, size_t max, const registry_xfer *x,
                           char **ret_body, size_t *ret_len, char **ret_content_type, crimage_error **err)
 {
   if (!reference_safe(reference))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid manifest reference");
   cleanup_free char *path = xasprintf("manifests/%s", reference);
-  cleanup_free char *what = xasprintf("manifest %s:%s", r->name, reference);
+  cleanup_free char *what = manifest_what(r, reference, "");
   cleanup_dynbuf dynbuf body;
   dynbuf_init(&body, max);
   xfer_ctx ctx = {.x = x, .body = &body, .limit = -1};
@@ -1302,7 +1340,7 @@ int registry_head_manifest(registry_repo *r, const char *reference, const regist
   if (!reference_safe(reference))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "invalid manifest reference");
   cleanup_free char *url = xasprintf("%s/%s/manifests/%s", r->base, r->name, reference);
-  cleanup_free char *what = xasprintf("manifest %s:%s (HEAD)", r->name, reference);
+  cleanup_free char *what = manifest_what(r, reference, " (HEAD)");
   cleanup_dynbuf dynbuf none;
   dynbuf_init(&none, 0);
   xfer_ctx ctx = {.x = x, .body = &none, .limit = -1, .head = true};
@@ -1334,10 +1372,7 @@ int registry_head_manifest(registry_repo *r, const char *reference, const regist
     }
     cleanup_free char *digest = header_get(&ctx, "Docker-Content-Digest");
     cleanup_free char *len = header_get(&ctx, "Content-Length");
-    char *end = NULL;
-    long long size = len ? strtoll(len, &end, 10) : -1;
-    if (!len || end == len || *end || size < 0)
-      size = -1;
+    int64_t size = registry_content_length(len);
     *ret_digest = digest && digest_valid(digest) ? TAKE_PTR(digest) : NULL;
     if (ret_content_type)
       *ret_content_type = header_get(&ctx, "Content-Type");

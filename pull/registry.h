@@ -118,4 +118,13 @@ size_t registry_client_idle_handles(registry_client *c);
 /* Maps a registry error code ("MANIFEST_UNKNOWN", ...) and HTTP status to a status. */
 int registry_status_from_code(const char *code, long http_status);
 
+/* Numbers of response headers, range-checked before any arithmetic (a registry can send anything):
+ * - the wait a Retry-After value (delta-seconds or an HTTP-date, now_s the current Unix time) asks for, in
+ *   [0, REGISTRY_MAX_RETRY_AFTER_MS]: a huge value is capped, a date in the past is 0; -1 when it is neither;
+ * - a Content-Length: the size, or -1 when it is not a number of at most INT64_MAX;
+ * - the first byte of a Content-Range ("bytes <first>-<last>/<size>"): false when it is not one. */
+int64_t registry_retry_after_ms(const char *value, int64_t now_s);
+int64_t registry_content_length(const char *value);
+bool registry_content_range_first(const char *value, uint64_t *ret_first);
+
 #endif

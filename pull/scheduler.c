@@ -33,7 +33,7 @@ struct scheduler {
 
 void scheduler_options_init(scheduler_options *o)
 {
-  *o = (scheduler_options){.serialize = true, .max_parallel = 0, .queue_max = 0};
+  *o = (scheduler_options){.serialize = false, .max_parallel = 0, .queue_max = 0};
 }
 
 int scheduler_options_validate(const scheduler_options *o, crimage_error **err)

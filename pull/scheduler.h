@@ -19,7 +19,7 @@
 #define SCHEDULER_DEFAULT_QUEUE_MAX 1024
 
 typedef struct scheduler_options {
-  bool serialize;   /* serializeImagePulls; default true */
+  bool serialize;   /* serializeImagePulls; default false (kubelet already schedules its pulls) */
   int max_parallel; /* maxParallelImagePulls; used when !serialize: n >= 1, 0 = unlimited; default 0 */
   size_t queue_max; /* jobs allowed to wait (running ones not counted); 0 = SCHEDULER_DEFAULT_QUEUE_MAX */
 } scheduler_options;
@@ -36,7 +36,7 @@ typedef struct scheduler scheduler;
 /* Runs the job: returns >= 0 and may set *ret_result on success, or a negative errno and sets *err. */
 typedef int (*scheduler_fn)(void *ud, void **ret_result, crimage_error **err);
 
-/* The defaults: serialized, unlimited parallelism when not serialized, default queue bound. */
+/* The defaults: not serialized, unlimited parallelism, default queue bound. */
 void scheduler_options_init(scheduler_options *o);
 /* Refuses the combinations kubelet refuses: max_parallel < 0, and serialize with max_parallel > 1. */
 int scheduler_options_validate(const scheduler_options *o, crimage_error **err);

@@ -26,7 +26,6 @@
 #define RECORD_MAX_LAYERS 4096
 #define NAME_MAX_LEN 4096
 #define TAG_MAX_LEN 128
-#define HANDLER_MAX_LEN 256
 #define USER_MAX_LEN 4096
 #define MEDIA_TYPE_MAX_LEN 256
 #define KEY_MAX_LEN 8192
@@ -692,26 +691,39 @@ static int index_write(store *s, const record_set *set, crimage_error **err)
   return 0;
 }
 
-static bool parse_u64(const char *s, uint64_t *ret)
-{
-  if (!s || !*s || *s == '-')
-    return false;
-  char *end;
-  errno = 0;
-  unsigned long long v = strtoull(s, &end, 10);
-  if (errno || *end)
-    return false;
-  *ret = v;
-  return true;
-}
+/* Digits only: strtoull would also take " -1" (as 2^64-1) or "+5". */
+static bool parse_u64(const char *s, uint64_t *ret) { return parse_u64_decimal(s, ret) == 0; }
 
+/* Every string of a record goes into CRI replies: UTF-8 (or every ListImages reply would be invalid protobuf), no
+ * control characters, bounded. */
 static bool string_ok(const char *s, size_t max)
 {
-  if (!s || strlen(s) > max)
+  if (!s)
+    return false;
+  size_t len = strlen(s);
+  if (len > max || !utf8_valid(s, len))
     return false;
   for (const unsigned char *p = (const unsigned char *) s; *p; p++)
     if (*p < 0x20 || *p == 0x7f)
       return false;
+  return true;
+}
+
+bool store_handler_valid(const char *h)
+{
+  if (!h)
+    return false;
+  size_t len = strlen(h);
+  if (len == 0)
+    return true;
+  if (len > STORE_HANDLER_MAX_LEN)
+    return false;
+  for (size_t i = 0; i < len; i++) {
+    char c = h[i];
+    bool alnum = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+    if (!alnum && (c != '-' || i == 0 || i == len - 1))
+      return false;
+  }
   return true;
 }
 
@@ -769,7 +781,7 @@ static bool load_descriptor(record_set *set, json_object *desc, const char **ret
   const char *layers_s = json_get_string(ann, ANN_LAYERS);
   const char *diff_ids_s = json_get_string(ann, ANN_DIFF_IDS);
   uint64_t size, created;
-  if (!string_ok(handler, HANDLER_MAX_LEN) || !digest_valid(id)) {
+  if (!store_handler_valid(handler) || !digest_valid(id)) {
     *ret_reason = "missing or bad " ANN_HANDLER " / " ANN_ID;
     return false;
   }
@@ -866,7 +878,8 @@ static int index_load(store *s, bool *ret_dirty, crimage_error **err)
    * outside; refuse to start rather than forget (and later garbage-collect) every image. */
   cleanup_json json_object *idx = NULL;
   cleanup_error crimage_error *perr = NULL;
-  r = json_parse(data, len, "index.json", &idx, &perr);
+  /* Any bytes: an entry whose strings are not UTF-8 is dropped on its own below, the others load. */
+  r = json_parse_any_bytes(data, len, "index.json", &idx, &perr);
   if (r < 0)
     return crimage_error_set(err, CRIMAGE_DATA_LOSS, 0, "`%s` is corrupt (%s); move it aside to start empty",
                              s->index_path, perr ? perr->message : "parse error");
@@ -1181,7 +1194,7 @@ static int commit_records(store *s, record_set *next, crimage_error **err)
 static int validate_record(const store_record *rec, crimage_error **err)
 {
   const char *handler = rec->handler ? rec->handler : "";
-  if (!string_ok(handler, HANDLER_MAX_LEN))
+  if (!store_handler_valid(handler))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "invalid runtime handler");
   if (str_empty(rec->name) || !string_ok(rec->name, NAME_MAX_LEN) || strchr(rec->name, '@') ||
       strchr(rec->name, ','))

@@ -30,6 +30,12 @@ typedef struct store_image {
   bool pinned;
 } store_image;
 
+/* A runtime handler as Kubernetes allows one in RuntimeClass.handler: "" (the default handler) or a DNS label
+ * (RFC 1123: at most 63 of a-z, 0-9 and '-', starting and ending with a letter or digit). The store records and
+ * loads only such handlers, and the image service accepts only such. */
+#define STORE_HANDLER_MAX_LEN 63
+bool store_handler_valid(const char *handler);
+
 void store_image_free(store_image *img);
 static inline void store_image_freep(store_image **img) { store_image_free(*img); }
 #define cleanup_store_image __attribute__((cleanup(store_image_freep)))

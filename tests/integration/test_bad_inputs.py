@@ -3,6 +3,7 @@ methods, garbage payloads, oversized messages, registries that answer garbage or
 
 import http.server
 import json
+import os
 import random
 import socket
 import threading
@@ -74,6 +75,58 @@ def test_missing_image_spec(daemon, cri, method, request_cls):
 def test_unknown_method(daemon, path):
     err = rpc_error(daemon.client.raw, path, b"")
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED, err
+    assert daemon.alive()
+
+
+def test_nul_in_string_fields_is_invalid_argument(daemon, cri, images):
+    """protobuf-c unpacks strings as C strings: "<name>\\0junk" acted on <name> (a remove really removed it) and a
+    handler of "\\0" was the default handler. Every string field with a NUL is refused, naming the field."""
+    p = images["layers"]
+    name = p.ref()
+    daemon.client.pull(name)
+    c = daemon.client
+    cases = [
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(image=name + "\0junk")), "image.image"),
+        ("RemoveImage", cri.RemoveImageRequest(image=cri.ImageSpec(image=name + "\0junk")), "image.image"),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image=name + "\0junk")), "image.image"),
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(image=name, runtime_handler="\0")),
+         "image.runtime_handler"),
+        ("RemoveImage", cri.RemoveImageRequest(image=cri.ImageSpec(image=name, runtime_handler="\0x")),
+         "image.runtime_handler"),
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(image=name, annotations={"a\0": "b"})),
+         "image.annotations.key"),
+        ("ListImages", cri.ListImagesRequest(filter=cri.ImageFilter(image=cri.ImageSpec(image=name + "\0"))),
+         "filter.image.image"),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image=name),
+                                           auth=cri.AuthConfig(username="u", password="pass\0s3cr3t")),
+         "auth.password"),
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image=name),
+                                           sandbox_config=cri.PodSandboxConfig(
+                                               annotations={"io.containerd.cri.runtime-handler": "\0"})),
+         "sandbox_config.annotations.value"),
+    ]
+    for method, req, field in cases:
+        err = rpc_error(c.call, method, req)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, field, err)
+        assert f"field {field} contains a NUL byte" in err.details(), (method, err.details())
+        assert "s3cr3t" not in err.details()
+    # nothing was acted on: the image is still there, for the default handler
+    assert c.image(name).id == p.id_for()
+    assert [i.id for i in c.list()] == [p.id_for()]
+    assert daemon.alive()
+
+
+def test_non_utf8_string_fields_are_invalid_argument(daemon, cri):
+    """Strings must be UTF-8 (protobuf-c takes any bytes): raw requests with a bad byte in a field."""
+    spec = cri.ImageSpec(image="busybox", runtime_handler="kata").SerializeToString()
+    for field, bad in (("image.image", spec.replace(b"busybox", b"busy\xffox")),
+                       ("image.runtime_handler", spec.replace(b"kata", b"k\xc3ta")),
+                       ("image.runtime_handler", spec.replace(b"kata", b"\xed\xa0\x80a"))):
+        req = b"\x0a" + bytes([len(bad)]) + bad  # ImageStatusRequest.image
+        for method in ("ImageStatus", "RemoveImage", "PullImage"):
+            err = rpc_error(daemon.client.raw, f"/{SERVICE}/{method}", req)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err)
+            assert f"field {field} is not valid UTF-8" in err.details(), err.details()
     assert daemon.alive()
 
 
@@ -343,3 +396,48 @@ def test_registry_closing_connections(daemon_factory):
         stop.set()
         t.join(10)
         srv.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One limit per kind of document; no host paths in errors
+
+
+def serve_image(junk, repo, img, tag="v1"):
+    """Routes for one fixtures.Image on the junk registry."""
+    octet = {"Content-Type": "application/octet-stream"}
+    junk.routes[f"/v2/{repo}/manifests/{tag}"] = (200, {"Content-Type": fixtures.MT_OCI_MANIFEST}, img.manifest_bytes)
+    junk.routes[f"/v2/{repo}/blobs/{img.config_digest}"] = (200, octet, img.config_bytes)
+    for layer in img.layers:
+        junk.routes[f"/v2/{repo}/blobs/{layer.digest}"] = (200, octet, layer.data)
+
+
+def test_status_verbose_reads_every_config_the_pull_accepts(daemon_factory, junk):
+    # a config of 6 MiB: above the 4 MiB the status once read, below the 8 MiB the pull accepts
+    layer = fixtures.Layer([("big/", None), ("big/file", b"x" * 100)])
+    img = fixtures.Image("bigconfig", [layer], extra_env=("BIG=" + "y" * (6 << 20),))
+    assert 4 << 20 < len(img.config_bytes) < 8 << 20
+    serve_image(junk, "junk/bigconfig", img)
+    d = daemon_factory({"registries": {junk.host: {"insecure": True}}})
+    ref = f"{junk.host}/junk/bigconfig:v1"
+    assert d.client.pull(ref) == img.config_digest
+    resp = d.client.status(ref, verbose=True)
+    assert resp.image.id == img.config_digest
+    assert json.loads(resp.info["info"])["imageSpec"] == img.config
+
+
+def test_errors_show_no_host_paths(daemon, images):
+    p = images["layers"]
+    daemon.client.pull(p.ref())
+    # the config blob vanishes from under the daemon: the verbose status cannot read it
+    os.unlink(os.path.join(daemon.root, "blobs", "sha256", p.id_for().split(":", 1)[1]))
+    err = rpc_error(daemon.client.status, p.ref(), verbose=True)
+    assert err.code() != grpc.StatusCode.OK
+    details = err.details()
+    assert p.id_for() in details, details
+    root = os.path.realpath(daemon.root)
+    assert root not in details and daemon.root not in details, details
+    assert "<store>/blobs/sha256/" in details, details
+    # the daemon's own log still has the whole path for the admin
+    with open(daemon.log, encoding="utf-8", errors="replace") as f:
+        assert root in f.read()
+    assert daemon.alive()

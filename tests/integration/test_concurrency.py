@@ -4,6 +4,7 @@ The registry is put behind a small HTTP proxy that holds the large layer of the 
 until the test releases it. Assertions are about the order of events, never about durations.
 """
 
+import os
 import select
 import socket
 import threading
@@ -12,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from conftest import ForwardingHandler, ProxyServer, forward_upstream
+from conftest import SERVICE, ForwardingHandler, ProxyServer, forward_upstream
 
 HOLD_ABOVE = 1 << 20  # blobs larger than this are held (only the big layer is)
 CHUNK = 64 << 10
@@ -238,3 +239,49 @@ def test_many_parallel_calls(daemon, images):
         t.join(120)
     assert not errors, errors[:3]
     assert answers == [p.id_for()] * 16 * 25
+
+
+def daemon_threads(d):
+    return len(os.listdir(f"/proc/{d.proc.pid}/task"))
+
+
+def test_calls_that_never_send_their_request_hold_no_worker(daemon, images):
+    """A client that opens calls and never sends the request message held a worker per call until it went away (the
+    receive had no deadline); more of them than there are workers (1,280) and kubelet's ImageStatus timed out.
+    Calls now reach a worker only once their request has arrived, so ImageStatus answers as usual."""
+    p = images["layers"]
+    daemon.client.pull(p.ref())
+    stop = threading.Event()
+
+    def never():
+        stop.wait()  # the request message that never comes
+        return
+        yield
+
+    stalled = 1400
+    channels = [grpc.insecure_channel("unix:" + daemon.socket) for _ in range(stalled // 100)]
+    calls = []
+    base = daemon_threads(daemon)
+    try:
+        for i in range(stalled):
+            stub = channels[i % len(channels)].stream_unary(f"/{SERVICE}/ImageStatus",
+                                                            request_serializer=lambda b: b,
+                                                            response_deserializer=lambda b: b)
+            calls.append(stub.future(never(), timeout=300))
+        # kubelet's ImageStatus, on a connection of its own, answers within its usual deadline
+        c = daemon.new_client(timeout=10)
+        try:
+            for _ in range(3):
+                assert c.image(p.ref()).id == p.id_for()
+        finally:
+            c.close()
+        # and the stalled calls took no thread each
+        assert daemon_threads(daemon) < base + 100, (base, daemon_threads(daemon))
+        assert not any(f.done() for f in calls)
+    finally:
+        stop.set()
+        for f in calls:
+            f.cancel()
+        for ch in channels:
+            ch.close()
+    assert daemon.alive()

@@ -90,6 +90,23 @@ def test_429_with_retry_after_is_retried(daemon_factory, proxy, images):
     assert proxy.count(kind="error429") == 1
 
 
+def test_huge_retry_after_is_capped_not_negative(daemon_factory, proxy, images):
+    # 9300000000000000 s * 1000 overflowed int64: a negative delay, an immediate retry (and UBSan's report)
+    proxy.manifest_errors = [(503, [("Retry-After", "9300000000000000")])]
+    d = start(daemon_factory, proxy)
+    with pytest.raises(grpc.RpcError) as e:
+        d.client.pull(f"{proxy.host}/shared:v1", timeout=3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+    # the daemon waits the longest it allows instead of retrying at once
+    assert proxy.count(kind="error503") == 1
+    wanted = "retrying in 30000 ms"
+    deadline = time.monotonic() + 10
+    while wanted not in open(d.log, errors="replace").read():
+        assert time.monotonic() < deadline, open(d.log, errors="replace").read()[-3000:]
+        time.sleep(0.1)
+    assert d.alive()
+
+
 def test_429_persisting_is_a_clear_error(daemon_factory, proxy, images):
     proxy.manifest_errors = [(429, [("Retry-After", "0")])] * 10
     d = start(daemon_factory, proxy)

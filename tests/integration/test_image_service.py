@@ -140,6 +140,16 @@ def test_pull_unknown_tag_fails_not_found(daemon, images):
     assert daemon.client.list() == []
 
 
+def test_pull_unknown_digest_error_names_repo_at_digest(daemon, images, registry):
+    missing = "sha256:" + "0" * 64
+    with pytest.raises(grpc.RpcError) as e:
+        daemon.client.pull(f"{registry.host}/layers@{missing}")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+    # a repository and a digest are joined with "@", as a reference writes them
+    assert f"layers@{missing}" in e.value.details(), e.value.details()
+    assert f"layers:{missing}" not in e.value.details(), e.value.details()
+
+
 def test_pull_stores_blobs(daemon, images):
     p = images["layers"]
     daemon.client.pull(p.ref())
@@ -206,6 +216,14 @@ def test_status_verbose(pulled, images):
     info = json.loads(resp.info["info"])
     assert info["imageSpec"] == p.image.config
     assert info["chainID"] == p.image.chain_id
+    # written as containerd (Go's encoding/json) writes it: "/" is not escaped as "\/"
+    assert "/" in resp.info["info"] and "\\/" not in resp.info["info"], resp.info["info"][:200]
+
+
+def test_proto_image_is_upstream_subset(cri):
+    # runtime.v1.Image of upstream cri-api has fields 1-8; a field of our own would be misread once upstream
+    # assigns its number
+    assert sorted(f.number for f in cri.Image.DESCRIPTOR.fields) == list(range(1, 9))
 
 
 def test_status_not_verbose_has_no_info(pulled, images):
@@ -253,6 +271,37 @@ def test_list_all_and_filtered(pulled, images):
     by_id = pulled.client.list(image=shared.id_for())
     assert [i.id for i in by_id] == [shared.id_for()]
     assert pulled.client.list(image=images["big"].ref()) == []
+
+
+def test_list_filter_by_repository_matches_every_tag(daemon, images, registry, tmp_path):
+    # `crictl images busybox` listed nothing when only busybox:1.36 was there: a repository without tag or digest
+    # selects every image of it, as `docker images` and CRI-O do
+    a = fixtures.push_one(str(tmp_path), registry.host, "layers", "repofilter", "a", None)
+    b = fixtures.push_one(str(tmp_path), registry.host, "shared", "repofilter", "b", None)
+    u = images["user1002"]
+    c = daemon.client
+    c.pull(a.ref("a"))
+    c.pull(b.ref("b"))
+    c.pull(u.digest_ref())  # by digest only: no tag names it, its repo digest does
+    c.pull(images["layers"].ref("v1"))  # the same image as repofilter:a, in another repository
+
+    def ids(listed):
+        return sorted(i.id for i in listed)
+
+    assert ids(c.list(image=a.name)) == sorted([a.id_for(), b.id_for()])
+    assert ids(c.list(image=images["layers"].name)) == [a.id_for()]
+    assert ids(c.list(image=u.name)) == [u.id_for()]
+    # a tag, a digest or an ID still selects exactly one image
+    assert ids(c.list(image=a.ref("a"))) == [a.id_for()]
+    assert ids(c.list(image=b.ref("b"))) == [b.id_for()]
+    assert c.list(image=a.ref("latest")) == []
+    assert ids(c.list(image=u.digest_ref())) == [u.id_for()]
+    assert ids(c.list(image=b.id_for())) == [b.id_for()]
+    assert ids(c.list(image=b.id_for().split(":", 1)[1][:12])) == [b.id_for()]
+    # a repository whose name merely starts the same is another one; the handler scope is as for any filter
+    assert c.list(image=a.name[:-1]) == []
+    assert c.list(image=a.name + "/sub") == []
+    assert c.list(image=a.name, handler="kata") == []
 
 
 def test_list_matches_status(pulled, images):

@@ -1,7 +1,9 @@
 """Image records keyed by (image, runtime handler), and per-handler platforms for multi-arch images."""
 
 import json
+import os
 
+import grpc
 import pytest
 
 import fixtures
@@ -111,3 +113,66 @@ def test_list_reports_handler(hdaemon, images):
     assert (images["shared"].id_for(), "runc") in by_handler
     assert ids(c.list(handler="kata")) == [images["layers"].id_for()]
     assert ids(c.list(handler="runc")) == [images["shared"].id_for()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Handler names: what the service stores and returns stays valid
+
+
+BAD_HANDLERS = ["Kata", "kata_qemu", "kata.qemu", "-kata", "kata-", "k" * 64, "k\u00e4ta", "a/b"]
+
+
+@pytest.mark.parametrize("handler", BAD_HANDLERS)
+def test_invalid_handler_is_invalid_argument(daemon, cri, images, handler):
+    # a handler is a key of the store and goes into every ListImages reply: only names kubelet can send (a
+    # RuntimeClass handler is a DNS label) are taken
+    c, p = daemon.client, images["layers"]
+    calls = [
+        ("PullImage", cri.PullImageRequest(image=cri.ImageSpec(image=p.ref(), runtime_handler=handler))),
+        ("PullImage", cri.PullImageRequest(
+            image=cri.ImageSpec(image=p.ref()),
+            sandbox_config=cri.PodSandboxConfig(annotations={"io.containerd.cri.runtime-handler": handler}))),
+        ("ImageStatus", cri.ImageStatusRequest(image=cri.ImageSpec(image=p.ref(), runtime_handler=handler))),
+        ("RemoveImage", cri.RemoveImageRequest(image=cri.ImageSpec(image=p.ref(), runtime_handler=handler))),
+        ("ListImages", cri.ListImagesRequest(filter=cri.ImageFilter(image=cri.ImageSpec(runtime_handler=handler)))),
+    ]
+    for method, req in calls:
+        with pytest.raises(grpc.RpcError) as e:
+            c.call(method, req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value)
+        assert "invalid runtime handler" in e.value.details() and "DNS label" in e.value.details(), e.value.details()
+    assert c.list() == []
+    assert daemon.alive()
+
+
+def test_invalid_handler_in_config_is_refused(daemon_factory):
+    with pytest.raises(RuntimeError) as e:
+        daemon_factory({"runtimeHandlers": {"Kata_QEMU": {}}})
+    assert "runtimeHandlers" in str(e.value) and "Kata_QEMU" in str(e.value), str(e.value)[-2000:]
+
+
+def test_bad_record_in_index_never_breaks_list(daemon_factory, images):
+    """A record whose handler is not UTF-8 made every ListImages reply invalid protobuf (strict clients refuse it),
+    also after a restart. Loading the store drops that record; the other images are listed as before."""
+    d = daemon_factory()
+    c = d.client
+    good, bad = images["layers"], images["shared"]
+    c.pull(good.ref())
+    c.pull(bad.ref(), handler="kata")
+    assert d.stop() == 0
+    index = os.path.join(d.root, "index.json")
+    with open(index, "rb") as f:
+        text = f.read()
+    marker = b'"io.crimage.runtime-handler":"kata"'
+    assert marker in text
+    with open(index, "wb") as f:
+        f.write(text.replace(marker, b'"io.crimage.runtime-handler":"k\xffta"'))
+    d2 = daemon_factory({"root": d.root})
+    listed = d2.client.list()  # the generated client parses strictly: invalid UTF-8 would raise here
+    assert [(i.id, i.spec.runtime_handler) for i in listed] == [(good.id_for(), "")]
+    assert d2.client.image(good.ref()).id == good.id_for()
+    # the bad record is gone for good: the store rewrote its index without it
+    with open(index, "rb") as f:
+        assert b"k\xffta" not in f.read()
+    assert d2.client.pull(bad.ref(), handler="kata") == bad.id_for()
+    assert {(i.id, i.spec.runtime_handler) for i in d2.client.list()} == {(good.id_for(), ""), (bad.id_for(), "kata")}

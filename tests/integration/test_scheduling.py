@@ -115,7 +115,7 @@ class Watcher:
 
 
 def test_serialized_pulls_never_overlap(daemon_factory, slow, ppb, images):
-    d = start(daemon_factory, slow)  # serializeImagePulls defaults to true
+    d = start(daemon_factory, slow, serializeImagePulls=True)
     names = SMALL[:4]
     with Watcher(d, ppb) as w:
         results = pull_concurrently(d, [(f"{slow.host}/{n}:v1", f"pod-{n}") for n in names])
@@ -127,6 +127,16 @@ def test_serialized_pulls_never_overlap(daemon_factory, slow, ppb, images):
     ordered = sorted(mine, key=lambda p: p.started_unix_ms)
     for a, b in zip(ordered, ordered[1:]):
         assert a.ended_unix_ms <= b.started_unix_ms
+
+
+def test_pulls_run_in_parallel_by_default(daemon_factory, slow, ppb, images):
+    # kubelet schedules its own pulls: as containerd and CRI-O, the service does not serialize them again, so one
+    # slow registry does not hold back the pulls of other pods
+    d = start(daemon_factory, slow)
+    names = SMALL[:3]
+    results = pull_concurrently(d, [(f"{slow.host}/{n}:v1", f"pod-{n}") for n in names])
+    mine = check_all_pulled(d, ppb, images, slow, names, results)
+    assert max_overlap(intervals(mine)) >= 2
 
 
 def test_parallel_pulls_at_most_two(daemon_factory, slow, ppb, images):

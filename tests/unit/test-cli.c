@@ -163,7 +163,6 @@ static crimage_image *make_image(void)
   img->username = xstrdup("");
   img->spec_image = xstrdup("");
   img->runtime_handler = xstrdup("");
-  img->image_source = xstrdup("");
   return img;
 }
 
@@ -211,15 +210,14 @@ static void test_image_json(void **state)
   free(img->runtime_handler);
   img->runtime_handler = xstrdup("kata");
   img->pinned = true;
-  free(img->image_source);
-  img->image_source = xstrdup("https://mirror.example:5000");
   cleanup_json json_object *o2 = cli_image_to_json(img);
   cleanup_json json_object *k = roundtrip(o2);
   assert_string_equal(json_get_string(json_get_object(k, "uid"), "value"), "1002");
   assert_string_equal(json_get_string(json_get_object(k, "spec"), "runtimeHandler"), "kata");
   assert_true(json_object_object_get_ex(k, "pinned", &v));
   assert_true(json_object_get_boolean(v));
-  assert_string_equal(json_get_string(k, "imageSource"), "https://mirror.example:5000");
+  /* cri/api.proto has no Image.image_source (no upstream version has it): nothing to print */
+  assert_false(json_object_object_get_ex(k, "imageSource", NULL));
   crimage_image_free(img);
 }
 

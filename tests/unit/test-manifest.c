@@ -244,6 +244,28 @@ static void test_limits(void **state)
   dynbuf_free(&b);
 }
 
+/* The image size sums sizes a registry sent: it saturates at INT64_MAX instead of wrapping (kubelet reads it as an
+ * int64, so a wrapped or larger sum would be negative or tiny there). */
+static void test_image_size(void **state)
+{
+  const char *small = "{\"schemaVersion\":2,\"mediaType\":\"" MEDIA_TYPE_OCI_MANIFEST "\","
+                      "\"config\":{\"mediaType\":\"" MEDIA_TYPE_OCI_CONFIG "\",\"digest\":\"" D1 "\",\"size\":100},"
+                      "\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"" D2
+                      "\",\"size\":2000}]}";
+  manifest *m = parse_ok(small, MEDIA_TYPE_OCI_MANIFEST);
+  assert_true(manifest_image_size(m, 500) == 2600);
+  manifest_free(m);
+  const char *huge = "{\"schemaVersion\":2,\"mediaType\":\"" MEDIA_TYPE_OCI_MANIFEST "\","
+                     "\"config\":{\"mediaType\":\"" MEDIA_TYPE_OCI_CONFIG "\",\"digest\":\"" D1 "\",\"size\":100},"
+                     "\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"" D2
+                     "\",\"size\":9223372036854775807},"
+                     "{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"" D3
+                     "\",\"size\":9223372036854775807}]}";
+  m = parse_ok(huge, MEDIA_TYPE_OCI_MANIFEST);
+  assert_true(manifest_image_size(m, 1000) == INT64_MAX);
+  manifest_free(m);
+}
+
 static void test_config_user(void **state)
 {
   char *user = NULL;
@@ -261,6 +283,27 @@ static void test_config_user(void **state)
   assert_true(image_config_parse("nope", 4, 0, 0, &user, &diff_ids, &err) < 0);
   crimage_error_free(err);
   err = NULL;
+
+  /* Strings go to CRI replies: JSON that is not UTF-8 is refused, and so is a user a C string would cut short. */
+  struct {
+    const char *json, *want;
+  } bad[] = {
+      {"{\"config\":{\"User\":\"ro\xffot\"}}", "invalid JSON"},
+      {"{\"config\":{\"User\":\"1000\"},\"x\":\"\xc0\xaf\"}", "invalid JSON"},
+      {"{\"config\":{\"User\":\"nobody\\u0000root\"}}", "config.User contains a NUL byte"},
+      {"{\"config\":{\"User\":\"www\\ndata\"}}", "config.User contains a control character"},
+  };
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+    assert_true(image_config_parse(bad[i].json, strlen(bad[i].json), 0, 0, &user, &diff_ids, &err) < 0);
+    if (!strstr(err->message, bad[i].want))
+      fail_msg("case %zu: \"%s\" does not say \"%s\"", i, err->message, bad[i].want);
+    crimage_error_free(err);
+    err = NULL;
+  }
+  const char *utf8 = "{\"config\":{\"User\":\"j\xc3\xb6rg\"}}";
+  assert_int_equal(image_config_parse(utf8, strlen(utf8), 0, 0, &user, &diff_ids, &err), 0);
+  assert_string_equal(user, "j\xc3\xb6rg");
+  free(user);
 
   /* diff_ids: one digest per layer, or an error naming the problem. */
   const char *c3 = "{\"config\":{},\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:"
@@ -284,7 +327,7 @@ int main(void)
       cmocka_unit_test(test_oci_index),           cmocka_unit_test(test_docker_list),
       cmocka_unit_test(test_select_platform),     cmocka_unit_test(test_select_platform_none),
       cmocka_unit_test(test_bad_json),            cmocka_unit_test(test_limits),
-      cmocka_unit_test(test_config_user),
+      cmocka_unit_test(test_config_user),         cmocka_unit_test(test_image_size),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

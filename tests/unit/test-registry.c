@@ -113,6 +113,52 @@ static void test_status_codes(void **state)
   assert_int_equal(registry_status_from_code("SOMETHING_NEW", 404), CRIMAGE_NOT_FOUND);
 }
 
+/* Numbers of response headers: range-checked, capped, never negative, never overflowing. */
+static void test_header_numbers(void **state)
+{
+  const int64_t now = 1700000000; /* Tue, 14 Nov 2023 22:13:20 GMT */
+  const int64_t cap = REGISTRY_MAX_RETRY_AFTER_MS;
+  assert_int_equal(registry_retry_after_ms("0", now), 0);
+  assert_int_equal(registry_retry_after_ms("1", now), 1000);
+  assert_int_equal(registry_retry_after_ms("29", now), 29000);
+  assert_int_equal(registry_retry_after_ms("30", now), cap);
+  assert_int_equal(registry_retry_after_ms("31", now), cap);
+  /* v * 1000 of these overflowed int64 (UBSan) and gave a negative delay: an immediate retry */
+  assert_int_equal(registry_retry_after_ms("9300000000000000", now), cap);
+  assert_int_equal(registry_retry_after_ms("9223372036854775807", now), cap);
+  assert_int_equal(registry_retry_after_ms("18446744073709551616", now), cap);
+  assert_int_equal(registry_retry_after_ms("999999999999999999999999999999999999999999", now), cap);
+  /* An HTTP-date: the time left until then, capped; a past date means now. */
+  assert_int_equal(registry_retry_after_ms("Tue, 14 Nov 2023 22:13:30 GMT", now), 10000);
+  assert_int_equal(registry_retry_after_ms("Tue, 14 Nov 2023 23:13:20 GMT", now), cap);
+  assert_int_equal(registry_retry_after_ms("Fri, 31 Dec 9999 23:59:59 GMT", now), cap);
+  assert_int_equal(registry_retry_after_ms("Wed, 21 Oct 2015 07:28:00 GMT", now), 0);
+  /* Neither: the caller's own back-off applies. */
+  const char *bad[] = {"", "-1", "-9300000000000000", "+5", "1.5", "5s", "soon"};
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++)
+    assert_int_equal(registry_retry_after_ms(bad[i], now), -1);
+  assert_int_equal(registry_retry_after_ms(NULL, now), -1);
+
+  assert_int_equal(registry_content_length("0"), 0);
+  assert_int_equal(registry_content_length("1234"), 1234);
+  assert_int_equal(registry_content_length("9223372036854775807"), INT64_MAX);
+  const char *bad_len[] = {"9223372036854775808", "99999999999999999999999", "-1", " -1", "+1", "1e3", "", "12 34"};
+  for (size_t i = 0; i < ARRAY_SIZE(bad_len); i++)
+    assert_int_equal(registry_content_length(bad_len[i]), -1);
+  assert_int_equal(registry_content_length(NULL), -1);
+
+  uint64_t first = 7;
+  assert_true(registry_content_range_first("bytes 100-199/200", &first));
+  assert_int_equal(first, 100);
+  assert_true(registry_content_range_first("Bytes 0-0/1", &first));
+  assert_int_equal(first, 0);
+  const char *bad_range[] = {"bytes -5-10/20", "bytes 99999999999999999999999-1/2", "bytes 5", "items 1-2/3",
+                             "bytes  1-2/3", "bytes +1-2/3", ""};
+  for (size_t i = 0; i < ARRAY_SIZE(bad_range); i++)
+    assert_false(registry_content_range_first(bad_range[i], &first));
+  assert_false(registry_content_range_first(NULL, &first));
+}
+
 /* ---- against a real registry ---- */
 
 typedef struct fixture {
@@ -771,6 +817,7 @@ int main(void)
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_challenge_bearer), cmocka_unit_test(test_challenge_several),
       cmocka_unit_test(test_challenge_bad),    cmocka_unit_test(test_status_codes),
+      cmocka_unit_test(test_header_numbers),
   };
   const struct CMUnitTest live[] = {
       cmocka_unit_test(test_get_manifest),  cmocka_unit_test(test_get_blob_range), cmocka_unit_test(test_manifest_unknown),

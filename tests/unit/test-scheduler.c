@@ -214,9 +214,12 @@ static void test_options(void **state)
 {
   scheduler_options o;
   scheduler_options_init(&o);
-  assert_true(o.serialize);
+  /* kubelet schedules its own pulls: by default the service does not serialize them again (as containerd). */
+  assert_false(o.serialize);
+  assert_int_equal(o.max_parallel, 0);
   cleanup_error crimage_error *err = NULL;
   assert_int_equal(scheduler_options_validate(&o, &err), 0);
+  o.serialize = true;
   o.max_parallel = 1;
   assert_int_equal(scheduler_options_validate(&o, &err), 0);
   o.max_parallel = 2;

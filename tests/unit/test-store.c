@@ -1081,6 +1081,121 @@ static void test_corrupt_index(void **state)
   test_image_clear(&b);
 }
 
+/* Replaces the first occurrence of old in root's index.json. */
+static void edit_index(const char *root, const char *old, const char *new)
+{
+  cleanup_error crimage_error *err = NULL;
+  cleanup_free char *index_path = xasprintf("%s/index.json", root);
+  cleanup_free char *text = NULL;
+  assert_int_equal(read_file(index_path, 1 << 20, &text, NULL, &err), 0);
+  char *at = strstr(text, old);
+  if (!at)
+    fail_msg("%s not in index.json", old);
+  *at = '\0';
+  cleanup_free char *edited = xasprintf("%s%s%s", text, new, at + strlen(old));
+  write_text(index_path, edited);
+}
+
+/* Numbers in index.json are digits only: strtoull read " -1" as 2^64-1 and "+5" as 5. A record with such a number
+ * is dropped (with a warning) and the others load. */
+static void test_index_numbers_strict(void **state)
+{
+  fixture *f = *state;
+  store *s = open_store(f->root);
+  const char *l1[] = {"layer", NULL};
+  const char *l2[] = {"layer 2", NULL};
+  test_image a = make_image(s, "a", l1);
+  test_image b = make_image(s, "b", l2);
+  record_ok(s, "", BUSYBOX, "a", NULL, &a);
+  record_ok(s, "", BUSYBOX, "b", NULL, &b);
+  store_close(s);
+  edit_index(f->root, "\"io.crimage.image.size\":\"1234\"", "\"io.crimage.image.size\":\" -1\"");
+  s = open_store(f->root);
+  assert_int_equal(count_images(s, NULL), 1);
+  store_close(s);
+  edit_index(f->root, "\"io.crimage.image.size\":\"1234\"", "\"io.crimage.image.size\":\"+1234\"");
+  s = open_store(f->root);
+  assert_int_equal(count_images(s, NULL), 0);
+  store_close(s);
+  test_image_clear(&a);
+  test_image_clear(&b);
+}
+
+/* Handlers are DNS labels, as RuntimeClass.handler; the store records no other. */
+static void test_handler_names(void **state)
+{
+  fixture *f = *state;
+  const char *good[] = {"", "runc", "kata", "kata-qemu", "runhcs-wcow-process", "a", "0", "a1-b2",
+                        "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijk"}; /* 63 */
+  for (size_t i = 0; i < ARRAY_SIZE(good); i++)
+    if (!store_handler_valid(good[i]))
+      fail_msg("\"%s\" refused", good[i]);
+  const char *bad[] = {"Kata", "kata_qemu", "kata.qemu", "-kata", "kata-", " kata", "k\xc3\xa4ta", "k\xffta",
+                       "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijkl", /* 64 */
+                       "a/b", "a\tb"};
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++)
+    if (store_handler_valid(bad[i]))
+      fail_msg("\"%s\" accepted", bad[i]);
+  assert_false(store_handler_valid(NULL));
+
+  store *s = open_store(f->root);
+  const char *l1[] = {"layer", NULL};
+  test_image t = make_image(s, "h", l1);
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+    cleanup_error crimage_error *err = NULL;
+    assert_true(record(s, bad[i], BUSYBOX, "latest", NULL, &t, &err) < 0);
+    assert_int_equal(err->status, CRIMAGE_INVALID_ARGUMENT);
+  }
+  assert_int_equal(count_images(s, NULL), 0);
+  test_image_clear(&t);
+  store_close(s);
+}
+
+/* A record whose strings are not UTF-8 (or whose handler is no DNS label) made every ListImages reply invalid
+ * protobuf, also after a restart: loading drops that record, and only that one. */
+static void test_index_bad_strings(void **state)
+{
+  fixture *f = *state;
+  store *s = open_store(f->root);
+  const char *l1[] = {"layer 1", NULL};
+  const char *l2[] = {"layer 2", NULL};
+  const char *l3[] = {"layer 3", NULL};
+  const char *l4[] = {"layer 4", NULL};
+  test_image a = make_image(s, "a", l1);
+  test_image b = make_image(s, "b", l2);
+  test_image c = make_image(s, "c", l3);
+  test_image d = make_image(s, "d", l4);
+  record_ok(s, "kata", BUSYBOX, "a", NULL, &a);
+  record_ok(s, "runc", BUSYBOX, "b", NULL, &b);
+  record_ok(s, "", BUSYBOX, "c", NULL, &c);
+  store_record rd = {.handler = "", .name = BUSYBOX, .tag = "d", .manifest_digest = d.manifest,
+                     .manifest_media_type = MANIFEST_MT, .manifest_size = d.manifest_size, .config_digest = d.config,
+                     .layers = (const char *const *) d.layers, .size = 1, .user = "baduser"};
+  cleanup_error crimage_error *err = NULL;
+  assert_int_equal(store_record_image(s, &rd, &err), 0);
+  store_close(s);
+  /* what an older version, or a hand edit, may have left: raw bytes (json-c writes them as they are) */
+  edit_index(f->root, "\"io.crimage.runtime-handler\":\"kata\"", "\"io.crimage.runtime-handler\":\"k\xffta\"");
+  edit_index(f->root, "\"io.crimage.runtime-handler\":\"runc\"", "\"io.crimage.runtime-handler\":\"Run_C\"");
+  edit_index(f->root, "\"io.crimage.image.user\":\"baduser\"", "\"io.crimage.image.user\":\"\xc0\xaf\"");
+  s = open_store(f->root);
+  store_image **list = NULL;
+  size_t n = 0;
+  assert_int_equal(store_list_images(s, NULL, &list, &n, &err), 0);
+  assert_int_equal(n, 1);
+  assert_string_equal(list[0]->handler, "");
+  for (size_t i = 0; i < n; i++) {
+    assert_true(utf8_valid(list[i]->handler, strlen(list[i]->handler)));
+    assert_true(utf8_valid(list[i]->user, strlen(list[i]->user)));
+  }
+  store_image_list_free(list, n);
+  store_close(s);
+  test_image_clear(&a);
+  test_image_clear(&b);
+  test_image_clear(&c);
+  test_image_clear(&d);
+}
+
 static void test_gc(void **state)
 {
   fixture *f = *state;
@@ -1479,6 +1594,9 @@ int main(void)
       cmocka_unit_test_setup_teardown(test_tag_move_and_merge, setup, teardown),
       cmocka_unit_test_setup_teardown(test_reload, setup, teardown),
       cmocka_unit_test_setup_teardown(test_corrupt_index, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_index_numbers_strict, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_handler_names, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_index_bad_strings, setup, teardown),
       cmocka_unit_test_setup_teardown(test_gc, setup, teardown),
       cmocka_unit_test_setup_teardown(test_hold_defers_gc, setup, teardown),
       cmocka_unit_test_setup_teardown(test_usage, setup, teardown),
