@@ -30,8 +30,8 @@ typedef struct rpc_service {
   char **paths;
 } rpc_service;
 
-/* A call the core has not handed us yet, or just has. A call of a registered method (svc set) comes with its
- * request message already read (payload); any other one is for a method we do not serve. */
+/* A call the core has not handed us yet, or just has. A call of a registered method (registered, svc and method
+ * set) comes with its request message already read (payload); any other one is for a method we do not serve. */
 typedef struct pending_call {
   grpc_call *call;
   grpc_call_details details;
@@ -478,7 +478,7 @@ static void finish_call(rpc_call *c)
     ;
   grpc_completion_queue_destroy(c->cq);
   pthread_mutex_destroy(&c->lock);
-  if (c->payload) /* an unknown method's call that came with a message anyway */
+  if (c->payload) /* not taken: serve_call gave up before it read the request */
     grpc_byte_buffer_destroy(c->payload);
   free(c->method_path);
   free(c);

@@ -16,9 +16,9 @@
                                    allocations (a pod's annotations are at most 256 KiB in Kubernetes) */
 
 /* Returns 0 when every string field of the message desc (data, len) is valid UTF-8 without a NUL; otherwise
- * INVALID_ARGUMENT naming the field by its path ("image.runtime_handler", "auth.password"; never its value). Returns
- * -EBADMSG, without setting *err, when the bytes are no well-formed protobuf at all (the caller's unpack reports
- * that). */
+ * INVALID_ARGUMENT naming the field by its path ("image.runtime_handler", "auth.password"; never its value), also
+ * for more than WIRE_MAX_FIELDS values or WIRE_MAX_DEPTH levels. Returns -EBADMSG without setting *err when the
+ * bytes are no well-formed protobuf at all: the caller reports a request that does not parse. */
 int wire_validate(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len, crimage_error **err);
 
 /* The last line of defence for replies: whatever got into the data a reply is built from (the store checks what it
