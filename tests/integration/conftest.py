@@ -43,6 +43,12 @@ def build_dir():
     return os.environ.get("CRIMAGE_BUILD_DIR") or os.path.join(REPO, "build")
 
 
+def daemon_exe():
+    """The crimaged under test: CRIMAGE_DAEMON (e.g. the packaged /usr/sbin/crimaged, see tests/packaging/run),
+    else the one of the build directory."""
+    return os.environ.get("CRIMAGE_DAEMON") or os.path.join(build_dir(), "plugin", "crimaged")
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -477,7 +483,7 @@ class Daemon:
 
     @property
     def exe(self):
-        return os.path.join(build_dir(), "plugin", "crimaged")
+        return daemon_exe()
 
     def _socket_accepts(self):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -489,7 +495,8 @@ class Daemon:
 
     def start(self):
         if not os.access(self.exe, os.X_OK):
-            raise RuntimeError(f"{self.exe} does not exist (set CRIMAGE_BUILD_DIR to the meson build directory)")
+            raise RuntimeError(f"{self.exe} does not exist (set CRIMAGE_BUILD_DIR to the meson build directory, "
+                               "or CRIMAGE_DAEMON to a crimaged)")
         cfg_path = os.path.join(self.workdir, "crimaged." + ("yaml" if self.config_format == "yaml" else "json"))
         with open(cfg_path, "w") as f:
             f.write(to_yaml(self.config) + "\n" if self.config_format == "yaml" else json.dumps(self.config, indent=2))

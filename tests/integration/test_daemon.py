@@ -6,14 +6,14 @@ import subprocess
 
 import pytest
 
-from conftest import READY_TIMEOUT, build_dir
+from conftest import READY_TIMEOUT, daemon_exe
 
 
 def run_daemon_expecting_failure(tmp_path, config_text, suffix="json", args=()):
     """Runs crimaged with a config that must make it exit non-zero by itself; returns its stderr."""
     cfg = tmp_path / f"bad.{suffix}"
     cfg.write_text(config_text)
-    exe = os.path.join(build_dir(), "plugin", "crimaged")
+    exe = daemon_exe()
     proc = subprocess.Popen([exe, "--config", str(cfg)] + list(args), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -66,7 +66,7 @@ def test_malformed_config_file(tmp_path, text, suffix):
 
 
 def test_missing_config_file(tmp_path):
-    exe = os.path.join(build_dir(), "plugin", "crimaged")
+    exe = daemon_exe()
     r = subprocess.run([exe, "--config", str(tmp_path / "absent.yaml")], capture_output=True, text=True,
                        timeout=READY_TIMEOUT)
     assert r.returncode != 0
