@@ -1,3 +1,4 @@
+#include <dirent.h>
 #include <errno.h>
 
 #include "common/json.h"
@@ -7,6 +8,8 @@
 #include "pull/scheduler.h"
 
 #define CONFIG_MAX_SIZE (1024 * 1024)
+/* Files in <config>.d/ at most: a directory an operator fills by hand, not a database. */
+#define CONFIG_MAX_DROPINS 64
 
 void config_init(crimaged_config *cfg)
 {
@@ -217,9 +220,16 @@ static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **e
   {
     if (!*name)
       return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key runtimeHandlers: empty handler name");
-    cfg->handlers = xrealloc(cfg->handlers, (cfg->n_handlers + 1) * sizeof(*cfg->handlers));
-    handler_config *h = &cfg->handlers[cfg->n_handlers++];
-    *h = (handler_config){.name = xstrdup(name), .unpack_layers = -1};
+    /* A drop-in that names a handler again changes the settings it names. */
+    handler_config *h = NULL;
+    for (size_t i = 0; i < cfg->n_handlers && !h; i++)
+      if (streq(cfg->handlers[i].name, name))
+        h = &cfg->handlers[i];
+    if (!h) {
+      cfg->handlers = xrealloc(cfg->handlers, (cfg->n_handlers + 1) * sizeof(*cfg->handlers));
+      h = &cfg->handlers[cfg->n_handlers++];
+      *h = (handler_config){.name = xstrdup(name), .unpack_layers = -1};
+    }
     if (!settings)
       continue;
     if (!json_object_is_type(settings, json_type_object))
@@ -462,5 +472,43 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
                                  "with the pull request or a credential provider",
                                  cfg->registries[i].host, j);
     }
+  return 0;
+}
+
+static int dropin_cmp(const void *a, const void *b) { return strcmp(*(char *const *) a, *(char *const *) b); }
+
+int config_load_with_dropins(crimaged_config *cfg, const char *path, crimage_error **err)
+{
+  int r = config_load_file(cfg, path, err);
+  if (r < 0)
+    return r;
+  cleanup_free char *dir = xasprintf("%s.d", path);
+  DIR *d = opendir(dir);
+  if (!d)
+    return errno == ENOENT ? 0 : crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, errno, "opening `%s`", dir);
+  cleanup_strv char **names = xcalloc(1, sizeof(char *));
+  size_t n = 0;
+  struct dirent *de;
+  while ((de = readdir(d))) {
+    if (de->d_name[0] == '.' ||
+        !(str_has_suffix(de->d_name, ".yaml") || str_has_suffix(de->d_name, ".yml") || str_has_suffix(de->d_name, ".json")))
+      continue;
+    if (n == CONFIG_MAX_DROPINS) {
+      closedir(d);
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, E2BIG, "`%s` holds more than %d drop-in files", dir,
+                               CONFIG_MAX_DROPINS);
+    }
+    names = xrealloc(names, (n + 2) * sizeof(char *));
+    names[n++] = xstrdup(de->d_name);
+    names[n] = NULL;
+  }
+  closedir(d);
+  qsort(names, n, sizeof(char *), dropin_cmp);
+  for (size_t i = 0; i < n; i++) {
+    cleanup_free char *file = xasprintf("%s/%s", dir, names[i]);
+    r = config_load_file(cfg, file, err);
+    if (r < 0)
+      return r;
+  }
   return 0;
 }

@@ -52,6 +52,9 @@ void config_init(crimaged_config *cfg);
 void config_clear(crimaged_config *cfg);
 /* Merges a config file into cfg. Unknown keys and values of the wrong type are errors naming the key. */
 int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err);
+/* The file, then every *.yaml, *.yml and *.json of the directory <path>.d (if there is one) in name order, each
+ * merged over what came before: a package's file stays as shipped and local settings go in drop-ins. */
+int config_load_with_dropins(crimaged_config *cfg, const char *path, crimage_error **err);
 /* Adds (or updates) registries.<host>.insecure = true. */
 void config_add_insecure_registry(crimaged_config *cfg, const char *host);
 /* Checks combinations, as kubelet refuses invalid pull settings at start-up. */

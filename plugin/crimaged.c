@@ -114,10 +114,10 @@ static int parse_args(int argc, char **argv, crimaged_config *cfg, crimage_error
     return -1;
   }
   if (config_path) {
-    if (config_load_file(cfg, config_path, err) < 0)
+    if (config_load_with_dropins(cfg, config_path, err) < 0)
       return -2;
   } else if (access(CRIMAGE_DEFAULT_CONFIG, F_OK) == 0) {
-    if (config_load_file(cfg, CRIMAGE_DEFAULT_CONFIG, err) < 0)
+    if (config_load_with_dropins(cfg, CRIMAGE_DEFAULT_CONFIG, err) < 0)
       return -2;
   }
 

@@ -497,9 +497,20 @@ class Daemon:
         if not os.access(self.exe, os.X_OK):
             raise RuntimeError(f"{self.exe} does not exist (set CRIMAGE_BUILD_DIR to the meson build directory, "
                                "or CRIMAGE_DAEMON to a crimaged)")
-        cfg_path = os.path.join(self.workdir, "crimaged." + ("yaml" if self.config_format == "yaml" else "json"))
-        with open(cfg_path, "w") as f:
-            f.write(to_yaml(self.config) + "\n" if self.config_format == "yaml" else json.dumps(self.config, indent=2))
+        text = to_yaml(self.config) + "\n" if self.config_format == "yaml" else json.dumps(self.config, indent=2)
+        base = os.environ.get("CRIMAGE_CONFIG")
+        if base:
+            # A packaged config as shipped, with the test's settings in a drop-in beside it, as an operator would.
+            cfg_path = os.path.join(self.workdir, "crimaged.yaml")
+            shutil.copyfile(base, cfg_path)
+            os.makedirs(cfg_path + ".d", exist_ok=True)
+            dropin = os.path.join(cfg_path + ".d", "50-test." + ("yaml" if self.config_format == "yaml" else "json"))
+            with open(dropin, "w") as f:
+                f.write(text)
+        else:
+            cfg_path = os.path.join(self.workdir, "crimaged." + ("yaml" if self.config_format == "yaml" else "json"))
+            with open(cfg_path, "w") as f:
+                f.write(text)
         self.config_path = cfg_path
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(WRAPPER + [self.exe, "--config", cfg_path] + self.args, stdin=subprocess.DEVNULL,

@@ -60,6 +60,51 @@ def _toml(s):
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return _toml(str(v))
+
+
+def _toml_dump(d, prefix=()):
+    """TOML for nested dicts of strings, numbers, booleans and lists (what containerd's config holds)."""
+    out = [f"{_toml(k) if not k.isidentifier() else k} = {_toml_value(v)}" for k, v in d.items()
+           if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            name = prefix + (k,)
+            out.append("[" + ".".join(_toml(p) if not p.replace("_", "a").isalnum() else p for p in name) + "]")
+            out.append(_toml_dump(v, name))
+    return "\n".join(line for line in out if line)
+
+
+def _merge(base, over):
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def merge_packaged_snippet(text):
+    """With CRIMAGE_SNIPPETS (tests/packaging/run: the installed /usr/share/crimage/config), the packaged
+    containerd-crimage.toml is merged into the test's containerd config key by key, as an operator merges it into
+    /etc/containerd/config.toml (containerd's own `imports` would replace whole plugin sections)."""
+    snippets = os.environ.get("CRIMAGE_SNIPPETS")
+    if not snippets:
+        return text
+    import tomllib
+    with open(os.path.join(snippets, "containerd-crimage.toml"), "rb") as f:
+        snippet = tomllib.load(f)
+    snippet.pop("version", None)
+    return _toml_dump(_merge(tomllib.loads(text), snippet)) + "\n"
+
+
 def _unescape_mountinfo(field):
     """/proc/self/mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
     out, i = [], 0
@@ -274,7 +319,7 @@ class Containerd:
             raise RuntimeError("containerd is already running")
         os.makedirs(os.path.join(self.workdir, "tmp"), exist_ok=True)
         with open(self.config_path, "w") as f:
-            f.write(self.config_text())
+            f.write(merge_packaged_snippet(self.config_text()))
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen([CONTAINERD, "--config", self.config_path], stdin=subprocess.DEVNULL,
                                      stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir)

@@ -3,10 +3,11 @@
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
-from conftest import READY_TIMEOUT, daemon_exe
+from conftest import READY_TIMEOUT, STOP_TIMEOUT, daemon_exe
 
 
 def run_daemon_expecting_failure(tmp_path, config_text, suffix="json", args=()):
@@ -94,3 +95,33 @@ def test_invalid_containerd_settings_named(tmp_path, short_dir, settings, named)
     cfg = dict({"root": str(tmp_path / "root"), "socket": os.path.join(short_dir, "s.sock")}, **settings)
     err = run_daemon_expecting_failure(tmp_path, json.dumps(cfg))
     assert named in err, err
+
+
+def test_config_dropins_merge_in_name_order(tmp_path, short_dir):
+    """<config>.d/*.yaml|json are merged over the file in name order: the last one to set a key wins, a handler
+    named again keeps what it had, and a bad drop-in is named in the error."""
+    main = tmp_path / "crimage.yaml"
+    main.write_text(f"root: {tmp_path / 'root'}\nsocket: {os.path.join(short_dir, 'first.sock')}\n"
+                    "runtimeHandlers:\n  vm: {platform: linux/arm64}\n")
+    dropins = tmp_path / "crimage.yaml.d"
+    dropins.mkdir()
+    (dropins / "10-socket.yaml").write_text(f"socket: {os.path.join(short_dir, 'second.sock')}\n")
+    (dropins / "20-socket.json").write_text(json.dumps({"socket": os.path.join(short_dir, "third.sock"),
+                                                        "runtimeHandlers": {"vm": {"containerdNamespace": "vm"}}}))
+    (dropins / "README").write_text("not a drop-in: no .yaml, .yml or .json suffix\n")
+    proc = subprocess.Popen([daemon_exe(), "--config", str(main)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        third = os.path.join(short_dir, "third.sock")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not os.path.exists(third) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(third) and not os.path.exists(os.path.join(short_dir, "second.sock"))
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=STOP_TIMEOUT)
+    assert proc.returncode == 0, out
+
+    (dropins / "30-bad.yaml").write_text("noSuchSetting: 1\n")
+    r = subprocess.run([daemon_exe(), "--config", str(main)], capture_output=True, text=True, timeout=READY_TIMEOUT)
+    assert r.returncode != 0 and "30-bad.yaml" in r.stderr and "noSuchSetting" in r.stderr, r.stderr
