@@ -326,6 +326,28 @@ static char *chain_id(json_object *config)
   return xstrdup(chain);
 }
 
+/* The directories of the image's unpacked layers, lowest first, when every layer is unpacked; NULL otherwise (not
+ * unpacked, a record made before diff_ids were kept, or a layer still missing). `crimage rootfs` and `crimage mount`
+ * read them from the verbose info, so they hold paths on this host. A record keeps the directories of its
+ * diff_ids, so the list stays valid as long as the image does. */
+static json_object *unpacked_layers(store *st, const store_image *img)
+{
+  size_t n = strv_length(img->diff_ids);
+  if (n == 0 || n != strv_length(img->layers))
+    return NULL;
+  json_object *dirs = json_object_new_array();
+  for (size_t i = 0; i < n; i++) {
+    char *dir = store_layer_exists(st, img->diff_ids[i]) ? store_layer_path(st, img->diff_ids[i]) : NULL;
+    if (!dir) {
+      json_object_put(dirs);
+      return NULL;
+    }
+    json_object_array_add(dirs, json_object_new_string(dir));
+    free(dir);
+  }
+  return dirs;
+}
+
 static int build_info(image_service *svc, const store_image *img, char **ret_json, crimage_error **err)
 {
   cleanup_free char *data = NULL;
@@ -344,6 +366,9 @@ static int build_info(image_service *svc, const store_image *img, char **ret_jso
   json_object_object_add(info, "imageSpec", json_object_get(config));
   json_object_object_add(info, "runtimeHandler", json_object_new_string(img->handler));
   json_object_object_add(info, "manifestDigest", json_object_new_string(img->manifest_digest));
+  json_object *layers = unpacked_layers(store_for(svc, img->handler), img);
+  if (layers)
+    json_object_object_add(info, "unpackedLayers", layers);
   /* As Go's encoding/json writes it (containerd's info): a "/" stays a "/". */
   *ret_json = xstrdup(json_object_to_json_string_ext(info, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
   json_object_put(info);

@@ -9,6 +9,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include "cli_auth.h"
@@ -18,6 +19,7 @@
 #include "common/json.h"
 #include "common/util.h"
 #include "crimage.h"
+#include "rootfs.h"
 
 enum {
   EXIT_OK = 0,
@@ -1164,6 +1166,175 @@ static int verb_pulls(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
   return EXIT_OK;
 }
 
+/* ---- rootfs, mount, umount ---- */
+
+/* The unpacked layer directories of an image (lowest first) and its ID, from the "unpackedLayers" crimaged puts
+ * in the verbose ImageStatus info. They are paths on the daemon's host: these verbs work on that host only. */
+static int image_layers(crimage_client *client, const char *image, const char *handler, char **ret_id,
+                        char ***ret_layers, crimage_error **err)
+{
+  crimage_image *img = NULL;
+  cleanup_free char *info_json = NULL;
+  int r = crimage_client_image_status(client, image, handler, true, &img, &info_json, err);
+  if (r < 0)
+    return r;
+  if (!img)
+    return crimage_error_set(err, CRIMAGE_NOT_FOUND, 0, "no such image");
+  cleanup_free char *id = xstrdup(img->id);
+  crimage_image_free(img);
+  cleanup_json json_object *obj = NULL;
+  json_object *dirs = NULL;
+  if (info_json && json_parse(info_json, strlen(info_json), "image info", &obj, err) < 0)
+    return crimage_error_wrap(err, "the service's answer");
+  dirs = json_get_array(json_get_object(obj, "info"), "unpackedLayers");
+  if (!dirs || json_object_array_length(dirs) == 0) {
+    if (!str_empty(handler))
+      return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                               "%s is not unpacked: set runtimeHandlers.%s.unpackLayers (or unpackLayers) in "
+                               "crimaged's config and pull it again (crimage pull --policy Always)",
+                               image, handler);
+    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                             "%s is not unpacked: set unpackLayers (or runtimeHandlers.<h>.unpackLayers) in "
+                             "crimaged's config and pull it again (crimage pull --policy Always)",
+                             image);
+  }
+  size_t n = json_object_array_length(dirs);
+  cleanup_strv char **layers = xcalloc(n + 1, sizeof(char *));
+  for (size_t i = 0; i < n; i++) {
+    const char *d = json_object_get_string(json_object_array_get_idx(dirs, i));
+    if (!json_object_is_type(json_object_array_get_idx(dirs, i), json_type_string) || !d || d[0] != '/')
+      return crimage_error_set(err, CRIMAGE_INTERNAL, 0, "the service's unpackedLayers has no absolute path at %zu",
+                               i);
+    layers[i] = xstrdup(d);
+  }
+  *ret_id = TAKE_PTR(id);
+  *ret_layers = TAKE_PTR(layers);
+  return 0;
+}
+
+/* Parses `[--runtime-handler H] IMAGE DIR` (with_image) or `DIR`; *saved_name as for verb_getopt_begin. */
+static int parse_image_dir(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv, bool with_image,
+                           char **saved_name, const char **handler, const char **image, const char **dir)
+{
+  static const struct option options[] = {COMMON_LONG_OPTIONS, RUNTIME_HANDLER_OPTION, {}};
+  static const struct option dir_options[] = {COMMON_LONG_OPTIONS, {}};
+  verb_getopt_begin(verb, argv, saved_name);
+  int opt;
+  while ((opt = getopt_long(argc, argv, COMMON_SHORT_OPTIONS, with_image ? options : dir_options, NULL)) != -1) {
+    if (opt == OPT_RUNTIME_HANDLER) {
+      *handler = optarg;
+      continue;
+    }
+    int r = common_option(ctx, verb, opt, optarg);
+    if (r != CLI_CONTINUE)
+      return r;
+  }
+  int want = with_image ? 2 : 1;
+  if (argc - optind != want)
+    return usage_error(verb, with_image ? "takes an image and a directory" : "takes a directory");
+  if (with_image)
+    *image = argv[optind];
+  *dir = argv[optind + want - 1];
+  if (!**dir)
+    return usage_error(verb, "the directory is empty");
+  return CLI_CONTINUE;
+}
+
+/* Both verbs need root: owners, device nodes and the layers' trusted.overlay xattrs (without root the whiteouts
+ * would be silently missed), and mounts. Checked before anything is asked of the service. */
+static int need_root(const char *what)
+{
+  if (geteuid() == 0)
+    return EXIT_OK;
+  crimage_error *err = NULL;
+  crimage_error_set(&err, CRIMAGE_PERMISSION_DENIED, 0,
+                    "needs root (owners, device nodes and the layers' trusted.overlay xattrs, mounts)");
+  return fail(what, err);
+}
+
+/* The copy holds two fds per directory level: with the soft limit at the hard one (capped) it can go as deep as a
+ * layer can nest (PATH_MAX / 2 levels); the default soft limit of 1024 would stop it at about 480. */
+#define ROOTFS_NOFILE 8192
+static void raise_nofile_limit(void)
+{
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= ROOTFS_NOFILE)
+    return;
+  rl.rlim_cur = rl.rlim_max < ROOTFS_NOFILE ? rl.rlim_max : ROOTFS_NOFILE;
+  setrlimit(RLIMIT_NOFILE, &rl);
+}
+
+static void print_layers_result(cli_ctx *ctx, const char *verb, const char *id, const char *dir, char **layers)
+{
+  if (ctx_output(ctx, CLI_OUTPUT_TABLE) == CLI_OUTPUT_JSON) {
+    cleanup_json json_object *obj = json_object_new_object();
+    json_object_object_add(obj, "id", json_object_new_string(id));
+    json_object_object_add(obj, "dir", json_object_new_string(dir));
+    json_object *arr = json_object_new_array();
+    for (size_t i = 0; layers[i]; i++)
+      json_object_array_add(arr, json_object_new_string(layers[i]));
+    json_object_object_add(obj, "layers", arr);
+    cli_json_print(obj, stdout);
+    return;
+  }
+  cleanup_free char *pid = cli_printable(id);
+  cleanup_free char *pdir = cli_printable(dir);
+  size_t n = strv_length(layers);
+  if (streq(verb, "rootfs"))
+    printf("Copied %s (%zu layer%s) to %s\n", pid, n, n == 1 ? "" : "s", pdir);
+  else
+    printf("Mounted %s (%zu layer%s) on %s, read-only\n", pid, n, n == 1 ? "" : "s", pdir);
+}
+
+static int verb_rootfs_or_mount(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
+{
+  cleanup_free char *name = NULL;
+  const char *handler = NULL, *image = NULL, *dir = NULL;
+  int r = parse_image_dir(ctx, verb, argc, argv, true, &name, &handler, &image, &dir);
+  if (r != CLI_CONTINUE)
+    return r;
+  bool mount = streq(verb->name, "mount");
+  cleanup_free char *what = xasprintf("%s %s", verb->name, image);
+  if ((r = need_root(what)) != EXIT_OK)
+    return r;
+  crimage_error *err = NULL;
+  crimage_client *client = NULL;
+  cleanup_free char *id = NULL;
+  cleanup_strv char **layers = NULL;
+  if (ctx_client(ctx, &client, &err) < 0 || image_layers(client, image, handler, &id, &layers, &err) < 0)
+    return fail(what, err);
+  if (!mount)
+    raise_nofile_limit();
+  if ((mount ? rootfs_mount(layers, dir, &err) : rootfs_flatten(layers, dir, NULL, &err)) < 0)
+    return fail(what, err);
+  print_layers_result(ctx, verb->name, id, dir, layers);
+  return EXIT_OK;
+}
+
+static int verb_umount(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
+{
+  cleanup_free char *name = NULL;
+  const char *dir = NULL;
+  int r = parse_image_dir(ctx, verb, argc, argv, false, &name, NULL, NULL, &dir);
+  if (r != CLI_CONTINUE)
+    return r;
+  cleanup_free char *what = xasprintf("umount %s", dir);
+  if ((r = need_root(what)) != EXIT_OK)
+    return r;
+  crimage_error *err = NULL;
+  if (rootfs_umount(dir, &err) < 0)
+    return fail(what, err);
+  if (ctx_output(ctx, CLI_OUTPUT_TABLE) == CLI_OUTPUT_JSON) {
+    cleanup_json json_object *obj = json_object_new_object();
+    json_object_object_add(obj, "unmounted", json_object_new_string(dir));
+    cli_json_print(obj, stdout);
+  } else {
+    cleanup_free char *p = cli_printable(dir);
+    printf("Unmounted %s\n", p);
+  }
+  return EXIT_OK;
+}
+
 /* ---- auth ---- */
 
 static int verb_auth(cli_ctx *ctx, const cli_verb *verb, int argc, char **argv)
@@ -1250,6 +1421,12 @@ static const cli_verb verbs[] = {
     {"rm", "[OPTIONS] IMAGE...", "Remove images (every tag of each).",
      RUNTIME_HANDLER_HELP "  -a, --all               remove every image\n", verb_rm},
     {"fsinfo", "", "Show the filesystem usage of the image store.", NULL, verb_fsinfo},
+    {"rootfs", "[OPTIONS] IMAGE DIR",
+     "Copy the filesystem of an unpacked image into DIR (empty or absent), as root.", RUNTIME_HANDLER_HELP,
+     verb_rootfs_or_mount},
+    {"mount", "[OPTIONS] IMAGE DIR", "Mount the unpacked layers of an image read-only on DIR (overlay), as root.",
+     RUNTIME_HANDLER_HELP, verb_rootfs_or_mount},
+    {"umount", "DIR", "Unmount what crimage mount mounted on DIR.", NULL, verb_umount},
     {"pulls", "[OPTIONS]", "List the pulls queued or running in crimaged.",
      "  -a, --all               also the last pulls that ended\n", verb_pulls},
     {"version", "", "Show the version of crimage.", NULL, verb_version},
