@@ -32,6 +32,7 @@ void config_init(crimaged_config *cfg)
       .credential_provider_timeout_ms = 60 * 1000,
       .containerd_address = xstrdup(""),
       .containerd_namespace = xstrdup("k8s.io"),
+      .snapshotter_socket = xstrdup(""),
   };
 }
 
@@ -67,6 +68,7 @@ void config_clear(crimaged_config *cfg)
   free(cfg->metrics_address);
   free(cfg->containerd_address);
   free(cfg->containerd_namespace);
+  free(cfg->snapshotter_socket);
   *cfg = (crimaged_config){0};
 }
 
@@ -372,6 +374,8 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = get_string(v, key, &cfg->metrics_address, err);
     else if (streq(key, "containerd"))
       r = load_containerd(cfg, v, err);
+    else if (streq(key, "snapshotterSocket"))
+      r = get_string(v, key, &cfg->snapshotter_socket, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
     if (r < 0)
@@ -404,6 +408,8 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "root must be an absolute path");
   if (str_empty(cfg->socket))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "socket must not be empty");
+  if (streq(cfg->snapshotter_socket, cfg->socket))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "snapshotterSocket must not be the CRI socket");
   if (cfg->max_concurrent_downloads < 1 || cfg->max_concurrent_downloads > 64)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "maxConcurrentDownloads must be between 1 and 64");
   /* kubelet refuses the same combinations. */
