@@ -187,9 +187,11 @@ static int make_directories(snapshotter *s, snap_kind kind, uint64_t id, const c
   int r = 0;
   const char *step = "create";
   const char *path = fs;
-  if (mkdir(fs, 0755) < 0)
+  /* The modes are set explicitly: crimaged may run with umask 077 (its systemd unit does), and the upper
+   * directory's mode is the mode of the container's "/". */
+  if (mkdir(fs, 0755) < 0 || chmod(fs, 0755) < 0)
     r = -errno;
-  if (r == 0 && kind == SNAP_KIND_ACTIVE && mkdir(work, 0711) < 0) {
+  if (r == 0 && kind == SNAP_KIND_ACTIVE && (mkdir(work, 0711) < 0 || chmod(work, 0711) < 0)) {
     r = -errno;
     path = work;
   }
