@@ -9,8 +9,10 @@
 #include "cri/server.h"
 #include "cri/snapshotter/snapshotter.h"
 
-/* Snapshots per ListSnapshotsResponse, as containerd's service batches them. */
+/* Snapshots per ListSnapshotsResponse, as containerd's service batches them, and a bound on the bytes of one: the
+ * labels allowed make a snapshot up to about 1 MiB, and containerd's client takes messages of at most 16 MiB. */
 #define LIST_BATCH 100
+#define LIST_BATCH_BYTES (4 * 1024 * 1024)
 
 typedef Containerd__Services__Snapshots__V1__PrepareSnapshotRequest__LabelsEntry label_entry;
 typedef Containerd__Services__Snapshots__V1__Info__LabelsEntry info_label_entry;
@@ -227,14 +229,22 @@ static int handle_list(void *userdata, rpc_call *call, const ProtobufCMessage *r
   int r = snapshotter_list(userdata, req->filters, req->n_filters, &list, &n, err);
   if (r < 0)
     return r;
-  for (size_t off = 0; off < n && r >= 0; off += LIST_BATCH) {
-    size_t k = n - off < LIST_BATCH ? n - off : LIST_BATCH;
+  for (size_t i = 0; i < n && r >= 0;) {
     Containerd__Services__Snapshots__V1__ListSnapshotsResponse *msg = xmalloc(sizeof(*msg));
     containerd__services__snapshots__v1__list_snapshots_response__init(msg);
-    msg->info = xcalloc(k, sizeof(*msg->info));
-    for (size_t i = 0; i < k; i++)
-      msg->info[i] = info_to_proto(&list[off + i]);
-    msg->n_info = k;
+    msg->info = xcalloc(LIST_BATCH, sizeof(*msg->info));
+    size_t bytes = 0;
+    while (i < n && msg->n_info < LIST_BATCH) {
+      Containerd__Services__Snapshots__V1__Info *pi = info_to_proto(&list[i]);
+      size_t size = protobuf_c_message_get_packed_size(&pi->base) + 8; /* with its field tag and length */
+      if (msg->n_info > 0 && bytes + size > LIST_BATCH_BYTES) {
+        protobuf_c_message_free_unpacked(&pi->base, NULL);
+        break;
+      }
+      msg->info[msg->n_info++] = pi;
+      bytes += size;
+      i++;
+    }
     r = rpc_call_send(call, &msg->base, err);
     protobuf_c_message_free_unpacked(&msg->base, NULL);
   }

@@ -114,8 +114,10 @@ class SnapClient:
         self.pb = pb
         # A connection of its own: gRPC would otherwise share one with an earlier client of the same socket, which
         # may be the dead connection to a crimaged that was killed.
-        self.channel = grpc.insecure_channel("unix:" + socket_path, options=[("grpc.enable_retries", 0),
-                                                                             ("grpc.use_local_subchannel_pool", 1)])
+        # containerd's client takes messages of up to 16 MiB, and so does this one.
+        self.channel = grpc.insecure_channel("unix:" + socket_path, options=[
+            ("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.max_receive_message_length", 16 << 20)])
 
     def close(self):
         self.channel.close()
@@ -422,6 +424,17 @@ def test_semantics_and_errors(snap_daemon, snap):
     snap.cleanup()
     assert not os.path.exists(stray)
     assert os.path.isdir(f"{snap_daemon.snapshot_root}/snapshots/1/fs")
+
+
+def test_list_messages_stay_small(snap):
+    """Snapshots with as many and as large labels as allowed (about 1 MiB each) come in messages containerd's
+    16 MiB limit takes."""
+    labels = {f"l{i:03d}": "v" * (4096 - 4) for i in range(256)}
+    for i in range(18):  # more than 16 MiB together
+        snap.prepare(f"big{i:02d}", labels=labels)
+    batches = snap.list_batches()
+    assert sum(len(b) for b in batches) == 18 and len(batches) >= 5
+    assert all(dict(i.labels) == labels for b in batches for i in b)
 
 
 def test_remote_snapshot_answer(snap, snap_daemon):
