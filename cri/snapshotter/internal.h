@@ -26,6 +26,9 @@ typedef struct snap_record {
 
 void snap_record_free(snap_record *r);
 
+/* Ids stay below 2^53 so any JSON reader of the metadata keeps them exact. */
+#define SNAP_MAX_ID ((uint64_t) 1 << 53)
+
 /* All records, in memory, and the file they are kept in. */
 typedef struct snap_meta {
   char *path; /* <root>/metadata.json */

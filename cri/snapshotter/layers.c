@@ -92,7 +92,7 @@ int snapshotter_add_layer(snapshotter *s, const char *chain_id, const char *pare
     return crimage_error_set(err, CRIMAGE_ALREADY_EXISTS, EEXIST,
                              "snapshot `%s` already exists with another directory or parent", chain_id);
   }
-  if (s->meta.n >= SNAP_MAX_SNAPSHOTS)
+  if (s->meta.n >= SNAP_MAX_SNAPSHOTS || s->meta.next_id >= SNAP_MAX_ID)
     return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, ENOSPC, "layer `%s`: there are %d snapshots already",
                              chain_id, SNAP_MAX_SNAPSHOTS);
   snap_record *rec = xcalloc(1, sizeof(*rec));

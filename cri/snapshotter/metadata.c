@@ -15,8 +15,6 @@
 #include "cri/snapshotter/internal.h"
 
 #define META_VERSION 1
-/* Ids stay below 2^53 so any JSON reader keeps them exact. */
-#define META_MAX_ID ((uint64_t) 1 << 53)
 
 void snap_meta_clear(snap_meta *m)
 {
@@ -109,7 +107,7 @@ static snap_record *record_parse(json_object *o, size_t index, crimage_error **e
   const char *parent = json_get_string(o, "parent");
   const char *layer_dir = json_get_string(o, "layerDir");
   r->kind = kind_parse(json_get_string(o, "kind"));
-  if (!json_get_int64(o, "id", &id) || id <= 0 || (uint64_t) id >= META_MAX_ID) {
+  if (!json_get_int64(o, "id", &id) || id <= 0 || (uint64_t) id >= SNAP_MAX_ID) {
     crimage_error_set(err, CRIMAGE_DATA_LOSS, EINVAL, "snapshot #%zu has no valid id", index);
     goto fail;
   }
@@ -258,7 +256,7 @@ int snap_meta_load(snap_meta *m, const char *path, crimage_error **err)
   int64_t version = 0, next_id = 0;
   json_object *list = json_get_array(root, "snapshots");
   if (!json_object_is_type(root, json_type_object) || !json_get_int64(root, "version", &version) || !list ||
-      !json_get_int64(root, "nextId", &next_id) || next_id <= 0 || (uint64_t) next_id > META_MAX_ID)
+      !json_get_int64(root, "nextId", &next_id) || next_id <= 0 || (uint64_t) next_id > SNAP_MAX_ID)
     return crimage_error_set(err, CRIMAGE_DATA_LOSS, EINVAL, "`%s` is not snapshot metadata", path);
   if (version != META_VERSION)
     return crimage_error_set(err, CRIMAGE_DATA_LOSS, EINVAL, "`%s` has version %" PRId64 ", this crimaged reads %d",

@@ -61,8 +61,9 @@ static void skip_used_ids(snapshotter *s)
     char *end = NULL;
     errno = 0;
     unsigned long long id = strtoull(de->d_name, &end, 10);
+    /* A name past the id range cannot be an id of ours: Cleanup removes it like any other stray entry. */
     if (errno == 0 && end && *end == '\0' && end != de->d_name && de->d_name[0] != '0' && id >= s->meta.next_id &&
-        id < UINT64_MAX - 1)
+        id < SNAP_MAX_ID - 1)
       s->meta.next_id = id + 1;
   }
   closedir(d);
@@ -263,7 +264,7 @@ static int create_snapshot(snapshotter *s, snap_kind kind, const char *key, cons
   }
   if (snap_meta_find(&s->meta, key))
     return crimage_error_set(err, CRIMAGE_ALREADY_EXISTS, EEXIST, "snapshot `%s` already exists", key);
-  if (s->meta.n >= SNAP_MAX_SNAPSHOTS)
+  if (s->meta.n >= SNAP_MAX_SNAPSHOTS || s->meta.next_id >= SNAP_MAX_ID)
     return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, ENOSPC, "snapshot `%s`: there are %d snapshots already",
                              key, SNAP_MAX_SNAPSHOTS);
 

@@ -571,6 +571,8 @@ static void test_crash_leftovers(void **state)
   cleanup_free char *orphan_fs = xasprintf("%s/fs", orphan);
   cleanup_free char *half = xasprintf("%s/snapshots/new-XYZ", f->root);
   cleanup_free char *junk = xasprintf("%s/snapshots/0007", f->root);
+  cleanup_free char *huge = xasprintf("%s/snapshots/9007199254740993", f->root); /* past the id range */
+  assert_int_equal(mkdir(huge, 0700), 0);
   assert_int_equal(mkdir(orphan, 0700), 0);
   assert_int_equal(mkdir(orphan_fs, 0755), 0);
   assert_int_equal(mkdir(half, 0700), 0);
@@ -578,7 +580,7 @@ static void test_crash_leftovers(void **state)
 
   f->s = open_root(f->root);
   assert_int_equal(access(tmp, F_OK), -1);
-  assert_true(f->s->meta.next_id > used + 5);
+  assert_true(f->s->meta.next_id > used + 5 && f->s->meta.next_id < used + 10);
   prepare(f, "new", "base");
   assert_true(id_of(f, "new") > used + 5);
 
@@ -588,6 +590,7 @@ static void test_crash_leftovers(void **state)
   assert_int_equal(access(orphan, F_OK), -1);
   assert_int_equal(access(half, F_OK), -1);
   assert_int_equal(access(junk, F_OK), -1);
+  assert_int_equal(access(huge, F_OK), -1);
   assert_int_equal(access(base_dir, F_OK), 0);
   assert_int_equal(access(new_dir, F_OK), 0);
 }
