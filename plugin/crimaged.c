@@ -251,9 +251,9 @@ static int open_listener(daemon_ctx *d, int *ret_fd, crimage_error **err)
   return 0;
 }
 
-/* The snapshotter keeps its snapshots under <root>/snapshots, inside the store's lock. It gets a socket of its own
- * because containerd's proxy plugin takes an address, not a service on another daemon's socket, and so containerd
- * reaching crimage's snapshotter does not depend on who may call the CRI socket. */
+/* The snapshotter keeps its snapshots under <root>/snapshots, inside the store's lock. It is served on a socket of
+ * its own so access to one API is not access to the other: whoever may call the CRI socket (kubelet, crictl) cannot
+ * change containerd's snapshots, and containerd's proxy plugin needs nothing but this socket. */
 static int start_snapshotter(daemon_ctx *d, crimage_error **err)
 {
   cleanup_free char *root = xasprintf("%s/snapshots", d->cfg.root);
