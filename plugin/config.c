@@ -36,6 +36,7 @@ void config_init(crimaged_config *cfg)
       .containerd_address = xstrdup(""),
       .containerd_namespace = xstrdup("k8s.io"),
       .containerd_snapshotter = xstrdup(""),
+      .snapshotter_socket = xstrdup(""),
   };
 }
 
@@ -73,6 +74,7 @@ void config_clear(crimaged_config *cfg)
   free(cfg->containerd_address);
   free(cfg->containerd_namespace);
   free(cfg->containerd_snapshotter);
+  free(cfg->snapshotter_socket);
   *cfg = (crimaged_config){0};
 }
 
@@ -401,6 +403,8 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = load_containerd(cfg, v, err);
     else if (streq(key, "unpackLayers"))
       r = get_bool(v, key, &cfg->unpack_layers, err);
+    else if (streq(key, "snapshotterSocket"))
+      r = get_string(v, key, &cfg->snapshotter_socket, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
     if (r < 0)
@@ -433,6 +437,8 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "root must be an absolute path");
   if (str_empty(cfg->socket))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "socket must not be empty");
+  if (streq(cfg->snapshotter_socket, cfg->socket))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "snapshotterSocket must not be the CRI socket");
   if (cfg->max_concurrent_downloads < 1 || cfg->max_concurrent_downloads > 64)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "maxConcurrentDownloads must be between 1 and 64");
   /* kubelet refuses the same combinations. */

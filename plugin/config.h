@@ -46,6 +46,7 @@ typedef struct crimaged_config {
   char *containerd_address;   /* containerd's socket; "" = images are not handed to containerd */
   char *containerd_namespace; /* default namespace of the images handed over */
   char *containerd_snapshotter; /* containerd's name for crimage's snapshotter; "" = containerd's own */
+  char *snapshotter_socket;   /* where containerd's proxy snapshotter is served; "" = not served */
 } crimaged_config;
 
 void config_init(crimaged_config *cfg);

@@ -14,6 +14,7 @@
 #include "cri/image_service.h"
 #include "cri/progress_service.h"
 #include "cri/server.h"
+#include "cri/snapshotter/snapshotter.h"
 #include "plugin/config.h"
 #include "plugin/metrics.h"
 #include "pull/puller.h"
@@ -47,6 +48,10 @@ typedef struct daemon_ctx {
   size_t n_all_stores;
   rpc_server *server;
   bool socket_is_ours; /* bound here (not passed in by systemd), so removed at exit */
+  /* snapshotterSocket set: containerd's proxy snapshotter, served on a server and socket of its own. */
+  snapshotter *snapshotter;
+  rpc_server *snapshot_server;
+  bool snapshot_socket_bound;
 } daemon_ctx;
 
 static void usage(FILE *out)
@@ -246,6 +251,38 @@ static int open_listener(daemon_ctx *d, int *ret_fd, crimage_error **err)
   return 0;
 }
 
+/* The snapshotter keeps its snapshots under <root>/snapshots, inside the store's lock. It is served on a socket of
+ * its own so access to one API is not access to the other: whoever may call the CRI socket (kubelet, crictl) cannot
+ * change containerd's snapshots, and containerd's proxy plugin needs nothing but this socket. */
+static int start_snapshotter(daemon_ctx *d, crimage_error **err)
+{
+  cleanup_free char *root = xasprintf("%s/snapshots", d->cfg.root);
+  snapshotter_options so = {.root = root};
+  int r = snapshotter_open(&so, &d->snapshotter, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "opening the snapshotter");
+  r = rpc_server_new(&d->snapshot_server, err);
+  if (r < 0)
+    return r;
+  r = snapshotter_register(d->snapshotter, d->snapshot_server, err);
+  if (r < 0)
+    return r;
+  cleanup_free char *dir = xstrdup(d->cfg.snapshotter_socket);
+  r = mkdir_p(dirname(dir), 0755, err);
+  if (r < 0)
+    return r;
+  int fd = -1;
+  r = rpc_listen_unix(d->cfg.snapshotter_socket, 0660, &fd, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "snapshotterSocket");
+  d->snapshot_socket_bound = true;
+  r = rpc_server_start(d->snapshot_server, fd, err);
+  if (r < 0)
+    return r;
+  log_info("serving containerd's snapshotter API on %s (snapshots in %s)", d->cfg.snapshotter_socket, root);
+  return 0;
+}
+
 static int daemon_start(daemon_ctx *d, crimage_error **err)
 {
   int r = lock_dir(d->cfg.root, &d->lock_fd, err);
@@ -347,6 +384,12 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
     if (r < 0)
       return r;
   }
+  /* Up before the CRI socket, so whoever waits for that one finds the snapshotter serving too. */
+  if (!str_empty(d->cfg.snapshotter_socket)) {
+    r = start_snapshotter(d, err);
+    if (r < 0)
+      return r;
+  }
   int fd = -1;
   r = open_listener(d, &fd, err);
   if (r < 0)
@@ -371,6 +414,13 @@ static void daemon_stop(daemon_ctx *d)
   }
   if (d->socket_is_ours)
     unlink(d->cfg.socket);
+  if (d->snapshot_server) {
+    rpc_server_shutdown(d->snapshot_server, (int) d->cfg.shutdown_grace_period_ms);
+    rpc_server_free(d->snapshot_server);
+  }
+  if (d->snapshot_socket_bound)
+    unlink(d->cfg.snapshotter_socket);
+  snapshotter_free(d->snapshotter);
   metrics_server_stop(d->metrics);
   progress_service_free(d->progress_svc);
   /* The watcher works on the image service: it goes first. */

@@ -713,15 +713,16 @@ def containerd_cri(containerd, cri, runtime_pb):
 @pytest.fixture
 def containerd_factory(request, registry, runnable_images, tmp_path):
     """Starts a containerd of the test's own, which it may stop, kill, restart or wipe:
-    containerd_factory(registries=(), handlers=("runc",), start=True). The session registry is always reachable
-    and the pause fixture is the sandbox image. Every instance is cleaned up at teardown (no process, mount or
-    socket left) and a failing test's report gets its log."""
+    containerd_factory(registries=(), handlers=("runc",), start=True, **options), options being the other keyword
+    arguments of containerd_helpers.Containerd (snapshotter, proxy_snapshotters, ...). The session registry is
+    always reachable and the pause fixture is the sandbox image. Every instance is cleaned up at teardown (no
+    process, mount or socket left) and a failing test's report gets its log."""
     import containerd_helpers
     made = []
 
-    def make(registries=(), handlers=("runc",), start=True):
+    def make(registries=(), handlers=("runc",), start=True, **options):
         ctd = containerd_helpers.Containerd(str(tmp_path / f"containerd{len(made)}"), runnable_images["pause"].ref(),
-                                            registries=[registry.host, *registries], handlers=handlers)
+                                            registries=[registry.host, *registries], handlers=handlers, **options)
         made.append(ctd)
         _containerd_logs(request).append((ctd.log, 0))
         return ctd.start() if start else ctd

@@ -235,14 +235,19 @@ class Containerd:
     `sandbox_image` is the pause image (a runnable fixture in the test registry); `registries` are host:port of
     plain-HTTP registries containerd's own pulls may use (RunPodSandbox pulls the sandbox image itself; comparison
     tests call containerd's PullImage); `handlers` are the runtime handlers (RuntimeClasses) it serves, all runc.
-    The log (containerd and its shims) is `log`."""
+    `proxy_snapshotters` ({name: socket}) are snapshotters containerd reaches over their own socket
+    (`[proxy_plugins.<name>] type = "snapshot"`); `snapshotter` is the one its CRI plugin unpacks images into and
+    creates containers from (overlayfs, or one of those names). The log (containerd and its shims) is `log`."""
 
-    def __init__(self, workdir, sandbox_image, registries=(), handlers=("runc",), log_level="debug"):
+    def __init__(self, workdir, sandbox_image, registries=(), handlers=("runc",), log_level="debug",
+                 snapshotter="overlayfs", proxy_snapshotters=None):
         self.workdir = workdir
         self.sandbox_image = sandbox_image
         self.registries = list(registries)
         self.handlers = list(handlers)
         self.log_level = log_level
+        self.snapshotter = snapshotter
+        self.proxy_snapshotters = dict(proxy_snapshotters or {})
         os.makedirs(workdir, exist_ok=True)
         # unix socket paths are limited to 107 bytes; the state holds the shims' fifos and runc's state: both short
         self.sockdir = tempfile.mkdtemp(prefix="crimage-ctd-", dir="/tmp")
@@ -278,7 +283,7 @@ class Containerd:
             '  stream_server_address = "127.0.0.1"',
             '  stream_server_port = "0"',
             f"[{cri}.containerd]",
-            '  snapshotter = "overlayfs"',
+            f"  snapshotter = {_toml(self.snapshotter)}",
             f"  default_runtime_name = {_toml(self.handlers[0])}",
         ]
         for h in self.handlers:
@@ -295,6 +300,8 @@ class Containerd:
         ]
         for host in self.registries:
             lines += [f"[{cri}.registry.mirrors.{_toml(host)}]", f"  endpoint = [{_toml('http://' + host)}]"]
+        for name, address in self.proxy_snapshotters.items():
+            lines += [f"[proxy_plugins.{_toml(name)}]", '  type = "snapshot"', f"  address = {_toml(address)}"]
         return "\n".join(lines) + "\n"
 
     def running(self):
