@@ -453,6 +453,14 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "pullMinThroughputWindow must be at least 1s");
   if (cfg->pull_progress_timeout_ms < 1000)
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "pullProgressTimeout must be at least 1s");
+  /* Images go through crimage's snapshotter only when crimaged serves one and hands images to containerd. */
+  bool wants_snapshotter = !str_empty(cfg->containerd_snapshotter);
+  for (size_t i = 0; i < cfg->n_handlers; i++)
+    wants_snapshotter |= !str_empty(cfg->handlers[i].snapshotter);
+  if (wants_snapshotter && (str_empty(cfg->snapshotter_socket) || str_empty(cfg->containerd_address)))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                             "a containerd snapshotter is named (containerd.snapshotter or a handler's snapshotter): "
+                             "snapshotterSocket and containerd.address must be set too");
   /* containerd names namespaces like DNS labels (its namespaces.Validate); a wrong one would fail every publish. */
   if (!namespace_valid(cfg->containerd_namespace))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,

@@ -254,14 +254,31 @@ static int open_listener(daemon_ctx *d, int *ret_fd, crimage_error **err)
 /* The snapshotter keeps its snapshots under <root>/snapshots, inside the store's lock. It is served on a socket of
  * its own so access to one API is not access to the other: whoever may call the CRI socket (kubelet, crictl) cannot
  * change containerd's snapshots, and containerd's proxy plugin needs nothing but this socket. */
-static int start_snapshotter(daemon_ctx *d, crimage_error **err)
+static bool layer_in_use(void *userdata, const char *dir) { return snapshotter_layer_in_use(userdata, dir); }
+
+static int add_layer(void *userdata, const char *chain_id, const char *parent_chain, const char *dir,
+                     crimage_error **err)
+{
+  return snapshotter_add_layer(userdata, chain_id, parent_chain, dir, err);
+}
+
+static int open_snapshotter(daemon_ctx *d, crimage_error **err)
 {
   cleanup_free char *root = xasprintf("%s/snapshots", d->cfg.root);
   snapshotter_options so = {.root = root};
   int r = snapshotter_open(&so, &d->snapshotter, err);
   if (r < 0)
     return crimage_error_wrap(err, "opening the snapshotter");
-  r = rpc_server_new(&d->snapshot_server, err);
+  /* An unpacked layer a snapshot of containerd's stands on stays, also after the last image listing it went. */
+  for (size_t i = 0; i < d->n_all_stores; i++)
+    store_set_layer_keeper(d->all_stores[i], layer_in_use, d->snapshotter);
+  return 0;
+}
+
+static int start_snapshotter(daemon_ctx *d, crimage_error **err)
+{
+  const char *root = snapshotter_root(d->snapshotter);
+  int r = rpc_server_new(&d->snapshot_server, err);
   if (r < 0)
     return r;
   r = snapshotter_register(d->snapshotter, d->snapshot_server, err);
@@ -310,7 +327,13 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   r = open_handler_stores(d, &po, err);
   if (r < 0)
     return r;
-  /* Unpacked layers no image lists any more (a crash between unpacking and recording) go now. */
+  if (!str_empty(d->cfg.snapshotter_socket)) {
+    r = open_snapshotter(d, err);
+    if (r < 0)
+      return r;
+  }
+  /* Unpacked layers no image lists any more (a crash between unpacking and recording) go now, unless a snapshot
+   * stands on them. */
   for (size_t i = 0; i < d->n_all_stores; i++)
     store_sweep_layers(d->all_stores[i]);
 
@@ -337,7 +360,11 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
     return r;
 
   if (!str_empty(d->cfg.containerd_address)) {
-    publisher_options pub = {.address = d->cfg.containerd_address};
+    publisher_options pub = {
+        .address = d->cfg.containerd_address,
+        .add_layer = d->snapshotter ? add_layer : NULL,
+        .add_layer_userdata = d->snapshotter,
+    };
     r = publisher_new(&pub, &d->publisher, err);
     if (r < 0)
       return r;
@@ -385,7 +412,7 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       return r;
   }
   /* Up before the CRI socket, so whoever waits for that one finds the snapshotter serving too. */
-  if (!str_empty(d->cfg.snapshotter_socket)) {
+  if (d->snapshotter) {
     r = start_snapshotter(d, err);
     if (r < 0)
       return r;

@@ -14,6 +14,8 @@
 /* containerd's GC ends a publish lease by itself after this long, should crimage die before deleting it. */
 #define LEASE_EXPIRE_S 3600
 #define CONFIRM_POLL_MS 20
+#define PROXY_RETRIES 40
+#define PROXY_RETRY_MS 250
 /* A containerd that just came back is reconnected to within a second (the client's reconnect back-off); a publish
  * waits that long for it rather than failing on a connection attempt that was refused a moment ago. */
 #define CONNECT_WAIT_MS 1500
@@ -252,6 +254,25 @@ static char **image_chain_ids(const store_image *img)
   return chains;
 }
 
+/* containerd's proxy plugin keeps one connection to crimage's snapshotter socket; after crimaged restarted, its
+ * calls fail with UNAVAILABLE until it has reconnected, which its back-off (at most 3 s between dials) delays.
+ * Retries over about 10 s cover that. */
+static int prepare_remote(const ctrd_ctx *c, const char *snapshotter, const char *key, const char *parent,
+                          const char *chain, crimage_error **err)
+{
+  for (int attempt = 1;; attempt++) {
+    crimage_error *e = NULL;
+    int r = ctrd_snapshot_prepare_remote(c, snapshotter, key, parent, chain, &e);
+    if (r >= 0 || e->status != CRIMAGE_UNAVAILABLE || attempt == PROXY_RETRIES) {
+      if (r < 0)
+        *err = e;
+      return r;
+    }
+    crimage_error_clear(&e);
+    usleep(PROXY_RETRY_MS * 1000);
+  }
+}
+
 /* crimage's snapshotter gets every unpacked layer of img as its chain; containerd then records each chain as a
  * committed snapshot of that snapshotter (the remote-snapshot protocol of its unpacker: a Prepare naming the chain
  * in containerd.io/snapshot.ref, answered ALREADY_EXISTS), and the config keeps the top of the chain alive. */
@@ -274,7 +295,7 @@ static int publish_snapshots(publisher *p, const ctrd_ctx *c, store *st, const s
       continue;
     cleanup_free char *key = xasprintf("crimage-extract-%lld-%zu", (long long) now_realtime_ns(), i);
     if (r == 0)
-      r = ctrd_snapshot_prepare_remote(c, snapshotter, key, i ? chains[i - 1] : "", chains[i], err);
+      r = prepare_remote(c, snapshotter, key, i ? chains[i - 1] : "", chains[i], err);
     if (r == 0) {
       /* An ordinary snapshot: the snapshotter containerd calls by this name is not crimage's. */
       crimage_error *e = NULL;
