@@ -229,6 +229,25 @@ static void op_status(rpc_stream *s, grpc_op *op)
   op->data.recv_status_on_client.status_details = &s->details;
 }
 
+/* Receives the next message as raw bytes (the initial metadata with the first one); NULL at the end of the stream
+ * or of the call. */
+static grpc_byte_buffer *recv_raw(rpc_stream *s)
+{
+  grpc_byte_buffer *bb = NULL;
+  grpc_op ops[2];
+  size_t n = 0;
+  if (!s->got_initial_md)
+    op_recv_initial_metadata(s, &ops[n++]);
+  memset(&ops[n], 0, sizeof(ops[n]));
+  ops[n].op = GRPC_OP_RECV_MESSAGE;
+  ops[n++].data.recv_message.recv_message = &bb;
+  if (!run_batch(s, ops, n) && bb) {
+    grpc_byte_buffer_destroy(bb);
+    bb = NULL;
+  }
+  return bb;
+}
+
 /* The call's status as an error (0 when OK). */
 static int status_result(rpc_stream *s, crimage_error **err)
 {
@@ -254,19 +273,10 @@ static int call_status(rpc_stream *s, crimage_error **err)
     }
     int i = 0;
     for (; i < RPC_CLIENT_MAX_TRAILING_MESSAGES; i++) {
-      grpc_byte_buffer *bb = NULL;
-      grpc_op ops[2];
-      size_t n = 0;
-      if (!s->got_initial_md)
-        op_recv_initial_metadata(s, &ops[n++]);
-      memset(&ops[n], 0, sizeof(ops[n]));
-      ops[n].op = GRPC_OP_RECV_MESSAGE;
-      ops[n++].data.recv_message.recv_message = &bb;
-      bool got = run_batch(s, ops, n) && bb;
-      if (bb)
-        grpc_byte_buffer_destroy(bb);
-      if (!got)
+      grpc_byte_buffer *bb = recv_raw(s);
+      if (!bb)
         break;
+      grpc_byte_buffer_destroy(bb);
     }
     if (i == RPC_CLIENT_MAX_TRAILING_MESSAGES)
       grpc_call_cancel(s->call, NULL);
@@ -392,17 +402,8 @@ int rpc_stream_send(rpc_stream *s, const ProtobufCMessage *msg, crimage_error **
 int rpc_stream_recv(rpc_stream *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **ret,
                     crimage_error **err)
 {
-  grpc_byte_buffer *bb = NULL;
-  grpc_op ops[2];
-  size_t n = 0;
-  if (!s->got_initial_md)
-    op_recv_initial_metadata(s, &ops[n++]);
-  memset(&ops[n], 0, sizeof(ops[n]));
-  ops[n].op = GRPC_OP_RECV_MESSAGE;
-  ops[n++].data.recv_message.recv_message = &bb;
-  if (!run_batch(s, ops, n) || !bb) {
-    if (bb)
-      grpc_byte_buffer_destroy(bb);
+  grpc_byte_buffer *bb = recv_raw(s);
+  if (!bb) {
     int r = call_status(s, err);
     return r < 0 ? r : crimage_error_set(err, CRIMAGE_UNAVAILABLE, 0, "%s: the stream ended", s->method);
   }
@@ -442,19 +443,9 @@ int rpc_client_server_stream(rpc_client *c, const char *path, const rpc_metadata
   grpc_byte_buffer_destroy(send_buf);
   bool stopped = false;
   while (sent && !stopped) {
-    grpc_byte_buffer *bb = NULL;
-    grpc_op rops[2];
-    size_t n = 0;
-    if (!s->got_initial_md)
-      op_recv_initial_metadata(s, &rops[n++]);
-    memset(&rops[n], 0, sizeof(rops[n]));
-    rops[n].op = GRPC_OP_RECV_MESSAGE;
-    rops[n++].data.recv_message.recv_message = &bb;
-    if (!run_batch(s, rops, n) || !bb) {
-      if (bb)
-        grpc_byte_buffer_destroy(bb);
+    grpc_byte_buffer *bb = recv_raw(s);
+    if (!bb)
       break; /* the end of the stream (or of the call): the status tells which */
-    }
     ProtobufCMessage *msg = unpack_message(bb, msg_desc);
     grpc_byte_buffer_destroy(bb);
     if (!msg) {

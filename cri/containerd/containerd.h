@@ -39,6 +39,9 @@ typedef struct ctrd_label {
 /* The gRPC metadata of a call in c: its namespace, and its lease when set. Fills md (room for 2), returns the
  * count. */
 size_t ctrd_metadata(const ctrd_ctx *c, rpc_metadata md[2]);
+/* Hands *e on to *err, except a NOT_FOUND (where absence is an answer, not a failure): that one is freed and true
+ * returned. */
+bool ctrd_not_found(crimage_error **e, crimage_error **err);
 
 /* ---- content (content.c) ---- */
 /* 1 and *ret_size when containerd has the blob in this namespace, 0 when not. */

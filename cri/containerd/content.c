@@ -34,14 +34,8 @@ int ctrd_content_info(const ctrd_ctx *c, const char *digest, int64_t *ret_size, 
   crimage_error *e = NULL;
   Containerd__Services__Content__V1__InfoResponse *reply = NULL;
   int r = info_call(c, digest, &reply, &e);
-  if (r < 0) {
-    if (e->status == CRIMAGE_NOT_FOUND) {
-      crimage_error_clear(&e);
-      return 0;
-    }
-    *err = e;
-    return r;
-  }
+  if (r < 0)
+    return ctrd_not_found(&e, err) ? 0 : r;
   if (ret_size)
     *ret_size = reply->info ? reply->info->size : 0;
   protobuf_c_message_free_unpacked(&reply->base, NULL);

@@ -67,14 +67,8 @@ int ctrd_images_get(const ctrd_ctx *c, const char *name, ctrd_image **ret, crima
   crimage_error *e = NULL;
   int r = rpc_client_unary(c->rpc, IMAGES_SERVICE "Get", md, n_md, c->timeout_ms, &req.base,
                            &containerd__services__images__v1__get_image_response__descriptor, &reply, &e);
-  if (r < 0) {
-    if (e->status == CRIMAGE_NOT_FOUND) {
-      crimage_error_clear(&e);
-      return 0;
-    }
-    *err = e;
-    return r;
-  }
+  if (r < 0)
+    return ctrd_not_found(&e, err) ? 0 : r;
   const Containerd__Services__Images__V1__GetImageResponse *resp =
       (const Containerd__Services__Images__V1__GetImageResponse *) reply;
   r = resp->image ? 1 : 0;
@@ -209,11 +203,7 @@ int ctrd_images_delete(const ctrd_ctx *c, const char *name, crimage_error **err)
                            &google__protobuf__empty__descriptor, &reply, &e);
   if (reply)
     protobuf_c_message_free_unpacked(reply, NULL);
-  if (r < 0 && e->status == CRIMAGE_NOT_FOUND) {
-    crimage_error_clear(&e);
-    return 0;
-  }
   if (r < 0)
-    *err = e;
-  return r;
+    return ctrd_not_found(&e, err) ? 0 : r;
+  return 0;
 }

@@ -10,3 +10,17 @@ size_t ctrd_metadata(const ctrd_ctx *c, rpc_metadata md[2])
     md[n++] = (rpc_metadata){"containerd-lease", c->lease};
   return n;
 }
+
+bool ctrd_not_found(crimage_error **e, crimage_error **err)
+{
+  if (*e && (*e)->status == CRIMAGE_NOT_FOUND) {
+    crimage_error_clear(e);
+    return true;
+  }
+  if (err && !*err)
+    *err = *e;
+  else
+    crimage_error_clear(e);
+  *e = NULL;
+  return false;
+}

@@ -54,14 +54,8 @@ int ctrd_snapshot_exists(const ctrd_ctx *c, const char *snapshotter, const char 
                            &containerd__services__snapshots__v1__stat_snapshot_response__descriptor, &reply, &e);
   if (reply)
     protobuf_c_message_free_unpacked(reply, NULL);
-  if (r < 0 && e->status == CRIMAGE_NOT_FOUND) {
-    crimage_error_clear(&e);
-    return 0;
-  }
-  if (r < 0) {
-    *err = e;
-    return r;
-  }
+  if (r < 0)
+    return ctrd_not_found(&e, err) ? 0 : r;
   return 1;
 }
 
@@ -79,11 +73,7 @@ int ctrd_snapshot_remove(const ctrd_ctx *c, const char *snapshotter, const char 
                            &google__protobuf__empty__descriptor, &reply, &e);
   if (reply)
     protobuf_c_message_free_unpacked(reply, NULL);
-  if (r < 0 && e->status == CRIMAGE_NOT_FOUND) {
-    crimage_error_clear(&e);
-    return 0;
-  }
   if (r < 0)
-    *err = e;
-  return r;
+    return ctrd_not_found(&e, err) ? 0 : r;
+  return 0;
 }
