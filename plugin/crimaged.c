@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <grpc/grpc.h>
 #include <libgen.h>
 #include <signal.h>
 #include <sys/file.h>
@@ -506,6 +507,11 @@ int main(int argc, char **argv)
   sigaddset(&mask, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &mask, NULL);
   signal(SIGPIPE, SIG_IGN);
+  /* The daemon's own hold on the gRPC library, never released: the servers and clients are shut down and freed
+   * in daemon_stop, but the library's final teardown would join gRPC's executor threads, and after a large
+   * write that found the socket full (a List or Stat of big snapshots, a long ListImages) one of them sits in a
+   * 10 s backup poll. The process ends right after; the kernel reclaims what the library holds. */
+  grpc_init();
 
   if (daemon_start(&d, &err) < 0) {
     log_error("%s", err->message);
