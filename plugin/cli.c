@@ -18,6 +18,7 @@
 #include "common/json.h"
 #include "common/util.h"
 #include "crimage.h"
+#include "pull/manifest.h"
 
 enum {
   EXIT_OK = 0,
@@ -876,7 +877,7 @@ static json_object *inspect_json(const crimage_image *img, const char *info_json
   json_object_object_add(obj, "status", cli_image_to_json(img));
   json_object *info = NULL;
   crimage_error *err = NULL;
-  if (info_json && json_parse(info_json, strlen(info_json), "info", &info, &err) == 0) {
+  if (info_json && json_parse(info_json, strlen(info_json), "info", IMAGE_CONFIG_JSON_LIMITS, &info, &err) == 0) {
     json_object_object_foreach(info, key, value) json_object_object_add(obj, key, json_object_get(value));
     json_object_put(info);
   }

@@ -7,6 +7,9 @@
 #include "pull/scheduler.h"
 
 #define CONFIG_MAX_SIZE (1024 * 1024)
+/* What parsing the config may build (json_limits): lists and maps of up to 4096 entries (pinnedImages,
+ * registries), 8 MiB of tree. */
+#define CONFIG_JSON_LIMITS JSON_LIMITS(8u << 20, 4096)
 
 void config_init(crimaged_config *cfg)
 {
@@ -313,12 +316,31 @@ static int load_containerd(crimaged_config *cfg, json_object *v, crimage_error *
   return 0;
 }
 
+static int load_root(crimaged_config *cfg, json_object *root, const char *path, crimage_error **err);
+
 int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err)
 {
   cleanup_json json_object *root = NULL;
-  int r = yaml_parse_file(path, CONFIG_MAX_SIZE, &root, err);
+  int r = yaml_parse_file(path, CONFIG_MAX_SIZE, CONFIG_JSON_LIMITS, &root, err);
   if (r < 0)
     return r;
+  return load_root(cfg, root, path, err);
+}
+
+int config_load_buffer(crimaged_config *cfg, const char *data, size_t len, const char *what, crimage_error **err)
+{
+  if (len > CONFIG_MAX_SIZE)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EFBIG, "%s: larger than %d bytes", what, CONFIG_MAX_SIZE);
+  cleanup_json json_object *root = NULL;
+  int r = yaml_parse(data, len, what, CONFIG_JSON_LIMITS, &root, err);
+  if (r < 0)
+    return r;
+  return load_root(cfg, root, what, err);
+}
+
+static int load_root(crimaged_config *cfg, json_object *root, const char *path, crimage_error **err)
+{
+  int r = 0;
   if (!json_object_is_type(root, json_type_object))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: expected a map of settings", path);
 

@@ -52,6 +52,8 @@ void config_init(crimaged_config *cfg);
 void config_clear(crimaged_config *cfg);
 /* Merges a config file into cfg. Unknown keys and values of the wrong type are errors naming the key. */
 int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err);
+/* The same from a buffer (at most 1 MiB, as a file); what names it in errors. */
+int config_load_buffer(crimaged_config *cfg, const char *data, size_t len, const char *what, crimage_error **err);
 /* Adds (or updates) registries.<host>.insecure = true. */
 void config_add_insecure_registry(crimaged_config *cfg, const char *host);
 /* Checks combinations, as kubelet refuses invalid pull settings at start-up. */

@@ -287,12 +287,21 @@ static layer_compression layer_compression_of(const char *media_type)
 
 typedef struct pull_job pull_job;
 
+/* The image config a download brings, read before its blob is committed. */
+typedef struct config_out {
+  size_t n_layers, n_skipped; /* of the manifest, to match the diff_ids to */
+  dynbuf bytes;               /* the config as it arrives (it is at most IMAGE_CONFIG_MAX_SIZE) */
+  char *user;
+  char **diff_ids;
+} config_out;
+
 typedef struct blob_task {
   const manifest_descriptor *desc;
   pull_job *job;
   store_ingest *ingest;
   layer_check *check; /* NULL: no diff_id check (or the unpacker checks it) */
   unpack *unpack;     /* NULL: the layer is not unpacked in this pass */
+  config_out *config; /* NULL: not the image config */
   uint64_t base; /* ingest offset when the current request started */
 } blob_task;
 
@@ -351,6 +360,40 @@ static int unpack_feed(void *userdata, const void *data, size_t len, crimage_err
   return unpack_write(userdata, data, len, err);
 }
 
+static int config_collect(void *userdata, const void *data, size_t len, crimage_error **err)
+{
+  config_out *c = userdata;
+  if (dynbuf_append(&c->bytes, data, len) < 0)
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EFBIG, "image config is larger than its descriptor says");
+  return 0;
+}
+
+/* Verifies and reads an image config before its blob is accepted (or, stored already, before it is used): its
+ * shape and what parsing it costs are bounded (IMAGE_CONFIG_JSON_LIMITS), so a config that is not one never
+ * becomes a blob of the store. */
+static int config_accept(const pull_job *j, const manifest_descriptor *desc, config_out *c, const char *data,
+                         size_t len, crimage_error **err)
+{
+  const char *host = registry_repo_host(j->repo);
+  int r = verify_digest(desc->digest, data, len, host, "image config", err);
+  if (r < 0)
+    return r;
+  r = image_config_parse(data, len, c->n_layers, c->n_skipped, &c->user, &c->diff_ids, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "registry %s: image %s", host, desc->digest);
+  return 0;
+}
+
+static int config_read_stored(const pull_job *j, const manifest_descriptor *desc, config_out *c, crimage_error **err)
+{
+  cleanup_free char *data = NULL;
+  size_t len = 0;
+  int r = store_blob_read(j->p->store, desc->digest, IMAGE_CONFIG_MAX_SIZE, &data, &len, err);
+  if (r < 0)
+    return r;
+  return config_accept(j, desc, c, data, len, err);
+}
+
 static int sink_write(void *userdata, const void *data, size_t len, crimage_error **err)
 {
   blob_task *t = userdata;
@@ -358,6 +401,8 @@ static int sink_write(void *userdata, const void *data, size_t len, crimage_erro
   if (r < 0)
     return r;
   /* The bytes go on to the unpacker (which inflates, hashes and extracts them) or to the diff_id check alone. */
+  if (t->config)
+    return config_collect(t->config, data, len, err);
   if (t->unpack)
     return unpack_write(t->unpack, data, len, err);
   if (t->check)
@@ -369,6 +414,8 @@ static int sink_restart(void *userdata, crimage_error **err)
 {
   blob_task *t = userdata;
   t->base = 0;
+  if (t->config)
+    dynbuf_reset(&t->config->bytes);
   if (t->check)
     layer_check_reset(t->check);
   if (t->unpack) {
@@ -463,13 +510,18 @@ static int blob_check_new(const pull_job *j, const manifest_descriptor *desc, co
   }
 }
 
-static int download_blob(pull_job *j, const manifest_descriptor *desc, const char *diff_id, crimage_error **err)
+/* Downloads one blob (a layer, or the config when config is given: it is read into *config before the commit) into
+ * the store, unless it is there. */
+static int download_blob(pull_job *j, const manifest_descriptor *desc, const char *diff_id, config_out *config,
+                         crimage_error **err)
 {
   store *s = j->p->store;
   uint64_t have = 0;
-  blob_task t = {.desc = desc, .job = j};
+  blob_task t = {.desc = desc, .job = j, .config = config};
   if (store_blob_exists(s, desc->digest, &have)) {
-    int r = want_unpack(j, desc, diff_id) ? unpack_stored(j, &t, diff_id, err) : 0;
+    int r = config ? config_read_stored(j, desc, config, err) : 0;
+    if (r == 0 && want_unpack(j, desc, diff_id))
+      r = unpack_stored(j, &t, diff_id, err);
     if (r == 0)
       emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, have, have);
     return r;
@@ -493,7 +545,9 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
   if (r == -EEXIST) {
     /* Another writer finished it while we waited for its lock (and unpacked it, if it unpacks). */
     blob_task_drop_checks(&t);
-    r = want_unpack(j, desc, diff_id) ? unpack_stored(j, &t, diff_id, err) : 0;
+    r = config ? config_read_stored(j, desc, config, err) : 0;
+    if (r == 0 && want_unpack(j, desc, diff_id))
+      r = unpack_stored(j, &t, diff_id, err);
     if (r == 0)
       emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, (uint64_t) desc->size, (uint64_t) desc->size);
     return r;
@@ -502,11 +556,13 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
     blob_task_drop_checks(&t);
     return r;
   }
-  if ((t.check || t.unpack) && store_ingest_offset(t.ingest) > 0) {
-    /* Resuming: the inflater (or unpacker) catches up on the partial bytes first (read once; only on this path). */
+  if ((t.check || t.unpack || t.config) && store_ingest_offset(t.ingest) > 0) {
+    /* Resuming: the inflater (or unpacker, or the config's reader) catches up on the partial bytes first (read
+     * once; only on this path). */
     cleanup_error crimage_error *e = NULL;
-    r = t.unpack ? store_ingest_replay(t.ingest, unpack_feed, t.unpack, &e)
-                 : store_ingest_replay(t.ingest, layer_check_feed, t.check, &e);
+    r = t.config   ? store_ingest_replay(t.ingest, config_collect, t.config, &e)
+        : t.unpack ? store_ingest_replay(t.ingest, unpack_feed, t.unpack, &e)
+                   : store_ingest_replay(t.ingest, layer_check_feed, t.check, &e);
     if (r < 0) {
       log_info("partial layer %s: %s; downloading it again", desc->digest, e->message);
       r = sink_restart(&t, err);
@@ -542,7 +598,15 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
     }
     log_info("registry %s: blob %s: %s; retrying", registry_repo_host(j->repo), desc->digest, e->message);
   }
-  /* Before the commit: a layer whose content is not what the config says never becomes visible. */
+  /* Before the commit: a layer whose content is not what the config says never becomes visible, nor does a config
+   * that is not one. */
+  if (t.config) {
+    r = config_accept(j, desc, t.config, t.config->bytes.data ? t.config->bytes.data : "", t.config->bytes.len, err);
+    if (r < 0) {
+      store_ingest_abort(t.ingest, false);
+      return r;
+    }
+  }
   if (t.check)
     r = layer_check_finish(t.check, err);
   else if (t.unpack)
@@ -572,7 +636,7 @@ static void *worker(void *arg)
     pthread_mutex_unlock(&j->lock);
 
     crimage_error *e = NULL;
-    int r = download_blob(j, j->blobs[i], j->diff_ids ? j->diff_ids[i] : NULL, &e);
+    int r = download_blob(j, j->blobs[i], j->diff_ids ? j->diff_ids[i] : NULL, NULL, &e);
     if (r < 0) {
       pthread_mutex_lock(&j->lock);
       /* The first real error wins over the CANCELLED it causes in the other transfers. */
@@ -844,17 +908,12 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
     pull_job j = {.p = p, .req = req, .repo = st->repo};
     pthread_mutex_init(&j.lock, NULL);
     /* The config first: its diff_ids are what the layers are checked against. */
-    r = download_blob(&j, &m->config, NULL, err);
-    if (r == 0) {
-      cleanup_free char *cfg = NULL;
-      size_t cfg_len = 0;
-      r = store_blob_read(p->store, m->config.digest, IMAGE_CONFIG_MAX_SIZE, &cfg, &cfg_len, err);
-      if (r == 0) {
-        r = image_config_parse(cfg, cfg_len, m->n_layers, m->n_skipped_layers, &user, &diff_ids, err);
-        if (r < 0)
-          crimage_error_wrap(err, "image %s", m->config.digest);
-      }
-    }
+    config_out cfg = {.n_layers = m->n_layers, .n_skipped = m->n_skipped_layers};
+    dynbuf_init(&cfg.bytes, IMAGE_CONFIG_MAX_SIZE);
+    r = download_blob(&j, &m->config, NULL, &cfg, err);
+    dynbuf_free(&cfg.bytes);
+    user = TAKE_PTR(cfg.user);
+    diff_ids = TAKE_PTR(cfg.diff_ids);
     if (r == 0 && m->n_layers > 0) {
       j.n_blobs = m->n_layers;
       j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));

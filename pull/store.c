@@ -22,7 +22,12 @@
 #include "pull/store.h"
 #include "pull/unpack.h"
 
-#define INDEX_MAX_SIZE ((size_t) 64 << 20)
+/* index.json is read whole and parsed into a tree before its entries are checked: its text and the tree are bounded
+ * (json_limits) so that opening a store costs at most about 64 MiB. A descriptor (one name of an image) takes about
+ * 1.5 KiB of text and 7 KiB of tree, so the limits hold about 7000 names; index_write refuses an index that would
+ * not load again. */
+#define INDEX_MAX_SIZE ((size_t) 16 << 20)
+#define INDEX_JSON_LIMITS JSON_LIMITS(48u << 20, 65536)
 #define RECORD_MAX_LAYERS 4096
 #define NAME_MAX_LEN 4096
 #define TAG_MAX_LEN 128
@@ -682,9 +687,11 @@ static int index_write(store *s, const record_set *set, crimage_error **err)
   size_t len = 0;
   const char *text = json_object_to_json_string_length(idx, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE,
                                                        &len);
-  if (len > INDEX_MAX_SIZE)
-    return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, EFBIG, "index.json would exceed %zu bytes",
-                             INDEX_MAX_SIZE);
+  cleanup_error crimage_error *lerr = NULL;
+  if (len > INDEX_MAX_SIZE || json_check_limits(text, len, "index.json", INDEX_JSON_LIMITS, &lerr) < 0)
+    return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, EFBIG,
+                             "the image index would be too large to load again (%zu names of images)",
+                             json_object_array_length(manifests));
   int r = write_file_atomic(s->index_path, text, len, 0644, err);
   if (r < 0)
     return crimage_error_wrap(err, "updating the image index");
@@ -879,7 +886,10 @@ static int index_load(store *s, bool *ret_dirty, crimage_error **err)
   cleanup_json json_object *idx = NULL;
   cleanup_error crimage_error *perr = NULL;
   /* Any bytes: an entry whose strings are not UTF-8 is dropped on its own below, the others load. */
-  r = json_parse_any_bytes(data, len, "index.json", &idx, &perr);
+  r = json_parse_any_bytes(data, len, "index.json", INDEX_JSON_LIMITS, &idx, &perr);
+  if (r == -E2BIG)
+    return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, E2BIG, "`%s` holds more than a store may (%s)",
+                             s->index_path, perr->message);
   if (r < 0)
     return crimage_error_set(err, CRIMAGE_DATA_LOSS, 0, "`%s` is corrupt (%s); move it aside to start empty",
                              s->index_path, perr ? perr->message : "parse error");

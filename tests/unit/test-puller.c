@@ -50,6 +50,8 @@ static int group_setup(void **state)
       test_push_image(&f->reg, "lib/baddiff", "v1", "--layers 2 --bad-diff-id 1", "") < 0 ||
       test_push_image(&f->reg, "lib/members", "v1", "--layers 2 --layer-bytes 300000 --multi-member", "") < 0 ||
       test_push_image(&f->reg, "lib/shared", "v1", "--layers 3 --layer-bytes 3000000", "") < 0 ||
+      test_push_image(&f->reg, "lib/cfgarray", "v1", "--layers 1 --config-array", "") < 0 ||
+      test_push_image(&f->reg, "lib/cfgjunk", "v1", "--layers 1 --config-empty-objects 100000", "") < 0 ||
       test_fault_proxy_start(&f->reg, "dave", "pw", &f->fault) < 0)
     return -1;
   snprintf(f->store_dir, sizeof(f->store_dir), "/tmp/crimage-test-pull-XXXXXX");
@@ -847,6 +849,38 @@ static void test_pull_diff_id_mismatch(void **state)
   dynbuf_free(&data);
 }
 
+/* An image config is checked (its shape, and what parsing it costs) before it is stored: one that is a JSON array, or
+ * 300 KB of empty objects (100,000 of them: about 80 MB of tree; accepted before), never becomes a blob, and no
+ * layer is downloaded. */
+static void test_pull_bad_config_not_stored(void **state)
+{
+  fixture *f = *state;
+  const struct {
+    const char *name, *why;
+  } cases[] = {
+      {"lib/cfgarray", "image config is not a JSON object"},
+      {"lib/cfgjunk", "an array `junk` has more than 10000 elements"},
+  };
+  for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+    char image[64], config[80];
+    snprintf(image, sizeof(image), "%s:v1", cases[i].name);
+    assert_int_equal(test_remote_digest(&f->reg, cases[i].name, "v1", "--config --raw", config, sizeof(config)), 0);
+    pull_result res;
+    events ev = {0};
+    crimage_error *err = NULL;
+    assert_true(do_pull(f, image, "", &amd64, &res, &ev, &err) < 0);
+    assert_int_equal(err->status, CRIMAGE_INVALID_ARGUMENT);
+    if (!strstr(err->message, cases[i].why))
+      fail_msg("%s: \"%s\" does not say \"%s\"", image, err->message, cases[i].why);
+    crimage_error_clear(&err);
+    assert_false(store_blob_exists(f->store, config, NULL));
+    assert_int_equal(ev.started, 1); /* the config only */
+    manifest *m = fetch_manifest(f, cases[i].name);
+    assert_false(store_blob_exists(f->store, m->layers[0].digest, NULL));
+    manifest_free(m);
+  }
+}
+
 /* Layers of two concatenated gzip members inflate as one stream: the diff_id covers both. */
 static void test_pull_multi_member_gzip(void **state)
 {
@@ -932,6 +966,7 @@ int main(void)
       cmocka_unit_test(test_pull_always_head_unsupported),
       cmocka_unit_test(test_pull_diff_id_mismatch),
       cmocka_unit_test(test_pull_multi_member_gzip),
+      cmocka_unit_test(test_pull_bad_config_not_stored),
       cmocka_unit_test(test_pull_concurrent_shared),
   };
   return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -770,7 +770,7 @@ static void test_reload(void **state)
   /* index.json is an OCI image index naming the tagged images, as skopeo expects. */
   cleanup_free char *index_path = xasprintf("%s/index.json", f->root);
   cleanup_json json_object *idx = NULL;
-  assert_int_equal(yaml_parse_file(index_path, 1 << 20, &idx, &err), 0);
+  assert_int_equal(yaml_parse_file(index_path, 1 << 20, JSON_LIMITS(16u << 20, 1000), &idx, &err), 0);
   int64_t v = 0;
   assert_true(json_get_int64(idx, "schemaVersion", &v));
   assert_int_equal(v, 2);

@@ -1,0 +1,96 @@
+/* crimaged's configuration read from a buffer: what parsing it may cost, and keys whose checks live in the config
+ * code. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "common/util.h"
+#include "peak-rss.h"
+#include "plugin/config.h"
+
+static int load(const char *text, crimaged_config *cfg, crimage_error **err)
+{
+  config_init(cfg);
+  int r = config_load_buffer(cfg, text, strlen(text), "crimage.yaml", err);
+  if (r == 0)
+    r = config_validate(cfg, err);
+  return r;
+}
+
+static void load_ok(const char *text, crimaged_config *cfg)
+{
+  cleanup_error crimage_error *err = NULL;
+  if (load(text, cfg, &err) < 0)
+    fail_msg("%s", err->message);
+}
+
+static void load_fails(const char *text, const char *want)
+{
+  crimaged_config cfg;
+  cleanup_error crimage_error *err = NULL;
+  if (load(text, &cfg, &err) == 0)
+    fail_msg("accepted: %.100s", text);
+  if (!strstr(err->message, want))
+    fail_msg("\"%s\" does not say \"%s\"", err->message, want);
+  config_clear(&cfg);
+}
+
+static int parse_text(void *arg)
+{
+  crimaged_config cfg;
+  crimage_error *err = NULL;
+  int r = load(arg, &cfg, &err);
+  crimage_error_free(err);
+  config_clear(&cfg);
+  return r;
+}
+
+/* Lists and maps are bounded as libyaml's events arrive, so a 1 MiB config of empty mappings is refused before it
+ * becomes a tree of 200 MB. */
+static void test_limits(void **state)
+{
+  cleanup_free char *pins = xstrdup("pinnedImages:\n");
+  for (int i = 0; i < 4097; i++) {
+    char *n = xasprintf("%s- registry.example/pause:%d\n", pins, i);
+    free(pins);
+    pins = n;
+  }
+  load_fails(pins, "a sequence `pinnedImages` has more than 4096 entries");
+
+  size_t n = (1u << 20) / 5 - 1;
+  cleanup_free char *text = xmalloc(n * 5 + 1);
+  for (size_t i = 0; i < n; i++)
+    memcpy(text + i * 5, "- {}\n", 5);
+  text[n * 5] = '\0';
+  int r = 0;
+  long kib = test_peak_rss_kib(parse_text, text, &r);
+  assert_true(r < 0);
+  assert_true(kib >= 0);
+  if (kib > 16 * 1024)
+    fail_msg("refusing 200,000 empty mappings took %ld KiB", kib);
+  load_fails(text, "has more than 4096 entries");
+}
+
+static void test_basic(void **state)
+{
+  crimaged_config cfg;
+  load_ok("root: /var/lib/x\nmaxConcurrentDownloads: 5\nregistries:\n  a.example: {insecure: true}\n", &cfg);
+  assert_string_equal(cfg.root, "/var/lib/x");
+  assert_int_equal(cfg.max_concurrent_downloads, 5);
+  assert_int_equal(cfg.n_registries, 1);
+  assert_true(cfg.registries[0].insecure);
+  config_clear(&cfg);
+  load_fails("nope: 1\n", "unknown config key nope");
+  load_fails("{\"root\": [}", "invalid YAML");
+}
+
+int main(void)
+{
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_limits),
+      cmocka_unit_test(test_basic),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
