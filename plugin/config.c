@@ -199,10 +199,15 @@ static int load_registries(crimaged_config *cfg, json_object *v, crimage_error *
     {
       cleanup_free char *path = xasprintf("registries.%s.%s", host, k);
       int r;
+      bool upstream = true;
       if (streq(k, "insecure"))
         r = get_bool(val, path, &h->insecure, err);
       else if (streq(k, "mirrors"))
         r = load_mirrors(h, val, path, err);
+      else if (streq(k, "upstream")) {
+        r = get_bool(val, path, &upstream, err);
+        h->mirrors_only = !upstream;
+      }
       else
         r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", path);
       if (r < 0)
@@ -468,6 +473,11 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
       return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                                "runtimeHandlers.%s.containerdNamespace \"%s\" is not a valid containerd namespace",
                                cfg->handlers[i].name, cfg->handlers[i].containerd_namespace);
+  for (size_t i = 0; i < cfg->n_registries; i++)
+    if (cfg->registries[i].mirrors_only && cfg->registries[i].n_mirrors == 0)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                               "registries.%s: upstream: false needs at least one mirror to pull from",
+                               cfg->registries[i].host);
   for (size_t i = 0; i < cfg->n_registries; i++)
     for (size_t j = 0; j < cfg->registries[i].n_mirrors; j++) {
       const char *e = cfg->registries[i].mirrors[j].endpoint;

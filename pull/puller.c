@@ -75,6 +75,7 @@ int puller_new(store *s, const puller_options *opts, puller **ret, crimage_error
       registry_host *dst = &p->hosts[i];
       dst->host = xstrdup(src->host ? src->host : "");
       dst->insecure = src->insecure;
+      dst->mirrors_only = src->mirrors_only;
       if (src->n_mirrors > 0) {
         dst->mirrors = xcalloc(src->n_mirrors, sizeof(*dst->mirrors));
         for (size_t j = 0; j < src->n_mirrors; j++) {
@@ -808,6 +809,28 @@ static int try_unchanged(puller *p, const pull_request *req, registry_repo *repo
   return 1;
 }
 
+/* How much a failed attempt says about the image, to pick the status of a pull that every endpoint failed: an
+ * answer about the image itself (it is there but unusable, or not there for us, or not there) tells more than a
+ * registry that was too busy, and any answer more than an endpoint that gave none. */
+static int status_rank(crimage_status s)
+{
+  switch (s) {
+  case CRIMAGE_INVALID_ARGUMENT:
+  case CRIMAGE_DATA_LOSS:
+  case CRIMAGE_FAILED_PRECONDITION:
+    return 4;
+  case CRIMAGE_UNAUTHENTICATED:
+  case CRIMAGE_PERMISSION_DENIED:
+    return 3;
+  case CRIMAGE_NOT_FOUND:
+    return 2;
+  case CRIMAGE_RESOURCE_EXHAUSTED:
+    return 1;
+  default:
+    return 0;
+  }
+}
+
 /* Where one attempt of a pull goes: a mirror or the upstream registry. */
 typedef struct pull_endpoint {
   char *url;          /* "https://host[:port][/prefix]" */
@@ -983,16 +1006,25 @@ int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_er
     eps[n].mirror = true;
     n++;
   }
-  eps[n].url = upstream_endpoint(p, ref->domain);
-  eps[n].host = xstrdup(ref->domain);
-  eps[n].cred = credential_applies(req->cred, ref->domain) ? req->cred : NULL;
-  if (req->cred && !eps[n].cred)
-    log_debug("credential from %s is for %s, not %s: pulling anonymously",
-              req->cred->source ? req->cred->source : "request", req->cred->server_address, ref->domain);
-  n++;
+  /* A registry served by its mirrors only is never asked itself (the config refuses one without mirrors). */
+  if (!h || !h->mirrors_only) {
+    eps[n].url = upstream_endpoint(p, ref->domain);
+    eps[n].host = xstrdup(ref->domain);
+    eps[n].cred = credential_applies(req->cred, ref->domain) ? req->cred : NULL;
+    if (req->cred && !eps[n].cred)
+      log_debug("credential from %s is for %s, not %s: pulling anonymously",
+                req->cred->source ? req->cred->source : "request", req->cred->server_address, ref->domain);
+    n++;
+  }
+  if (n == 0) {
+    free(eps);
+    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                             "pulling %s: registry %s is served by its mirrors only, and none is configured",
+                             refstr ? refstr : "image", ref->domain);
+  }
 
-  cleanup_dynbuf dynbuf tried;
-  dynbuf_init(&tried, 4096);
+  crimage_error **errs = xcalloc(n, sizeof(*errs));
+  size_t n_tried = 0;
   int r = 0;
   pull_result res = {0};
   /* From before the first look at which blobs are present until the image is recorded: a concurrent RemoveImage
@@ -1006,34 +1038,55 @@ int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_er
     if (r == 0)
       break;
     pull_result_clear(&res);
+    errs[n_tried++] = e;
     /* A failing mirror (down, stalled, missing the image) falls through to the next one and finally to the
      * upstream; a cancelled pull stops. Partial blobs stay in the ingest area and are resumed from there. */
-    if (i + 1 < n && e->status != CRIMAGE_CANCELLED) {
-      log_info("pulling %s: mirror %s failed: %s", refstr, eps[i].url, e->message);
-      (void) dynbuf_printf(&tried, "%smirror %s: %s", tried.len ? "; " : "", eps[i].url,
-                           crimage_status_name(e->status));
-      crimage_error_clear(&e);
-      continue;
-    }
-    if (err && !*err)
-      *err = e;
-    else
-      crimage_error_clear(&e);
-    break;
+    if (e->status == CRIMAGE_CANCELLED)
+      break;
+    if (i + 1 < n)
+      log_info("pulling %s: %s %s failed: %s", refstr, eps[i].mirror ? "mirror" : "registry", eps[i].url,
+               e->message);
   }
   store_release(p->store);
+  if (r < 0) {
+    /* One endpoint's error as it is; of several, the status of the one that says most about the image, and a
+     * message naming each endpoint's result. */
+    size_t pick = n_tried - 1;
+    if (errs[pick]->status != CRIMAGE_CANCELLED)
+      for (size_t i = 0; i < n_tried; i++)
+        if (status_rank(errs[i]->status) > status_rank(errs[pick]->status) ||
+            (status_rank(errs[i]->status) == status_rank(errs[pick]->status) && i < pick))
+          pick = i;
+    crimage_error *e = TAKE_PTR(errs[pick]);
+    if (n_tried > 1) {
+      cleanup_dynbuf dynbuf msg;
+      dynbuf_init(&msg, 64 * 1024);
+      for (size_t i = 0; i < n_tried; i++) {
+        const crimage_error *ei = i == pick ? e : errs[i];
+        (void) dynbuf_printf(&msg, "%s%s %s: %s: %s", i ? "; " : "", eps[i].mirror ? "mirror" : "upstream",
+                             eps[i].mirror ? eps[i].url : eps[i].host, crimage_status_name(ei->status), ei->message);
+      }
+      free(e->message);
+      e->message = xasprintf("every endpoint failed: %s", msg.data ? msg.data : "");
+    }
+    r = -(e->errnum > 0 ? e->errnum : EIO);
+    if (err && !*err) {
+      *err = e;
+      crimage_error_wrap(err, "pulling %s", refstr ? refstr : "image");
+    } else {
+      crimage_error_clear(&e);
+    }
+  }
+  for (size_t i = 0; i < n_tried; i++)
+    crimage_error_clear(&errs[i]);
+  free(errs);
   for (size_t i = 0; i < n; i++) {
     free(eps[i].url);
     free(eps[i].host);
   }
   free(eps);
-  if (r < 0) {
-    if (tried.len)
-      crimage_error_wrap(err, "pulling %s (after %s)", refstr ? refstr : "image", tried.data);
-    else
-      crimage_error_wrap(err, "pulling %s", refstr ? refstr : "image");
+  if (r < 0)
     return r;
-  }
   *ret = res;
   return 0;
 }

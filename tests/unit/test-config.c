@@ -86,11 +86,32 @@ static void test_basic(void **state)
   load_fails("{\"root\": [}", "invalid YAML");
 }
 
+/* registries.<host>.upstream: false serves a registry from its mirrors only, and needs one. */
+static void test_registry_upstream(void **state)
+{
+  crimaged_config cfg;
+  load_ok("registries:\n  docker.io:\n    upstream: false\n    mirrors: [{endpoint: \"https://m.example\"}]\n"
+          "  quay.io: {upstream: true}\n",
+          &cfg);
+  assert_int_equal(cfg.n_registries, 2);
+  assert_true(cfg.registries[0].mirrors_only);
+  assert_false(cfg.registries[1].mirrors_only);
+  config_clear(&cfg);
+  load_ok("registries: {docker.io: {mirrors: [\"https://m.example\"]}}\n", &cfg);
+  assert_false(cfg.registries[0].mirrors_only);
+  config_clear(&cfg);
+  load_fails("registries: {docker.io: {upstream: false}}\n",
+             "registries.docker.io: upstream: false needs at least one mirror");
+  load_fails("registries: {docker.io: {upstream: nope, mirrors: [\"https://m\"]}}\n",
+             "config key registries.docker.io.upstream: expected true or false");
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_limits),
       cmocka_unit_test(test_basic),
+      cmocka_unit_test(test_registry_upstream),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -573,8 +573,10 @@ static void test_pull_bearer(void **state)
   reference_free(ref);
 }
 
-/* Mirrors: a mirror that is down is skipped, the next one serves the image; with every endpoint down the error
- * names the mirrors tried. The image is recorded under the name asked for, not the mirror's. */
+/* Mirrors: a mirror that is down is skipped, the next one serves the image; when every endpoint failed the error
+ * names each one's result and takes the status of the most telling (the mirror that answered that the manifest is
+ * unknown, not the upstream that could not be reached). The image is recorded under the name asked for, not the
+ * mirror's. A registry served by its mirrors only is never asked itself. The upstream is a closed local port. */
 static void test_pull_mirrors(void **state)
 {
   fixture *f = *state;
@@ -607,15 +609,65 @@ static void test_pull_mirrors(void **state)
   pull_result_clear(&res);
   reference_free(ref);
 
-  /* nothing has it: the upstream's error, with the mirrors listed */
+  /* nothing has it: NOT_FOUND from the mirror that answered, every endpoint's result in the message */
   snprintf(full, sizeof(full), "%s/lib/absent:v1", upstream);
   assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
   req.ref = ref;
   assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_NOT_FOUND);
+  char want[256];
+  snprintf(want, sizeof(want), "every endpoint failed: mirror %s: UNAVAILABLE: ", dead_mirror);
+  assert_non_null(strstr(err->message, want));
+  snprintf(want, sizeof(want), "; mirror %s: NOT_FOUND: registry %s: ", good_mirror, f->reg.host);
+  assert_non_null(strstr(err->message, want));
+  assert_non_null(strstr(err->message, "MANIFEST_UNKNOWN"));
+  snprintf(want, sizeof(want), "; upstream %s: UNAVAILABLE: registry %s: ", upstream, upstream);
+  assert_non_null(strstr(err->message, want));
+  crimage_error_clear(&err);
+  reference_free(ref);
+  puller_free(p);
+
+  /* Mirrors only: the image comes from the mirror; what it lacks is NOT_FOUND with its answer alone; with the
+   * mirror down the error names it and nothing else was tried. */
+  registry_mirror good[1] = {{.endpoint = good_mirror}}, dead[1] = {{.endpoint = dead_mirror}};
+  registry_host only = {.host = upstream, .insecure = true, .mirrors = good, .n_mirrors = 1, .mirrors_only = true};
+  o.hosts = &only;
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+  snprintf(full, sizeof(full), "%s/lib/oci:v1", upstream);
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  req.ref = ref;
+  if (puller_pull(p, &req, &res, &err) < 0)
+    fail_msg("%s", err->message);
+  pull_result_clear(&res);
+  reference_free(ref);
+  snprintf(full, sizeof(full), "%s/lib/absent:v1", upstream);
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  req.ref = ref;
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_NOT_FOUND);
+  snprintf(want, sizeof(want), "registry %s: ", f->reg.host);
+  assert_non_null(strstr(err->message, want));
+  assert_null(strstr(err->message, "upstream"));
+  snprintf(want, sizeof(want), "registry %s:", upstream);
+  assert_null(strstr(err->message, want));
+  crimage_error_clear(&err);
+  puller_free(p);
+  only.mirrors = dead;
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
   assert_int_equal(err->status, CRIMAGE_UNAVAILABLE);
-  assert_non_null(strstr(err->message, dead_mirror));
-  assert_non_null(strstr(err->message, good_mirror));
-  assert_non_null(strstr(err->message, upstream));
+  snprintf(want, sizeof(want), "registry 127.0.0.1:%s:", strrchr(dead_mirror, ':') + 1);
+  assert_non_null(strstr(err->message, want));
+  snprintf(want, sizeof(want), "registry %s:", upstream);
+  assert_null(strstr(err->message, want));
+  crimage_error_clear(&err);
+  puller_free(p);
+  /* and without any mirror there is nowhere to pull from */
+  only.n_mirrors = 0;
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_FAILED_PRECONDITION);
+  assert_non_null(strstr(err->message, "served by its mirrors only"));
   crimage_error_clear(&err);
   reference_free(ref);
   puller_free(p);
