@@ -5,6 +5,7 @@
 #include "common/util.h"
 #include "plugin/config.h"
 #include "pull/scheduler.h"
+#include "pull/store.h"
 
 #define CONFIG_MAX_SIZE (1024 * 1024)
 /* What parsing the config may build (json_limits): lists and maps of up to 4096 entries (pinnedImages,
@@ -36,6 +37,8 @@ void config_init(crimaged_config *cfg)
       .containerd_address = xstrdup(""),
       .containerd_namespace = xstrdup("k8s.io"),
       .containerd_snapshotter = xstrdup(""),
+      .unreferenced_retention_ms = STORE_DEFAULT_RETENTION_MS,
+      .unreferenced_max_bytes = STORE_DEFAULT_UNREFERENCED_MAX_BYTES,
   };
 }
 
@@ -125,6 +128,34 @@ static int get_duration(json_object *v, const char *key, int64_t *dst, crimage_e
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                              "config key %s: expected a duration such as \"10s\" or \"5m\"", key);
   return 0;
+}
+
+/* A number of bytes: an integer, or a string as Kubernetes writes quantities ("500Mi", "4Gi", "2G", "1000"). */
+static int get_bytes(json_object *v, const char *key, uint64_t *dst, crimage_error **err)
+{
+  if (json_object_is_type(v, json_type_int) && json_object_get_int64(v) >= 0) {
+    *dst = (uint64_t) json_object_get_int64(v);
+    return 0;
+  }
+  static const struct {
+    const char *suffix;
+    uint64_t factor;
+  } units[] = {{"Ki", 1ull << 10}, {"Mi", 1ull << 20}, {"Gi", 1ull << 30}, {"Ti", 1ull << 40}, {"k", 1000ull},
+               {"M", 1000ull * 1000}, {"G", 1000ull * 1000 * 1000}, {"T", 1000ull * 1000 * 1000 * 1000}, {"", 1}};
+  const char *s = json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
+  size_t digits = s ? strspn(s, "0123456789") : 0;
+  for (size_t i = 0; digits > 0 && digits <= 19 && i < ARRAY_SIZE(units); i++) {
+    if (!streq(s + digits, units[i].suffix))
+      continue;
+    cleanup_free char *num = xstrndup(s, digits);
+    uint64_t n = 0;
+    if (parse_u64_decimal(num, &n) < 0 || n > UINT64_MAX / units[i].factor)
+      break;
+    *dst = n * units[i].factor;
+    return 0;
+  }
+  return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                           "config key %s: expected a number of bytes such as 1073741824 or \"4Gi\"", key);
 }
 
 static int get_strv(json_object *v, const char *key, char ***dst, crimage_error **err)
@@ -418,6 +449,10 @@ static int load_root(crimaged_config *cfg, json_object *root, const char *path, 
       r = load_containerd(cfg, v, err);
     else if (streq(key, "unpackLayers"))
       r = get_bool(v, key, &cfg->unpack_layers, err);
+    else if (streq(key, "unreferencedBlobRetention"))
+      r = get_duration(v, key, &cfg->unreferenced_retention_ms, err);
+    else if (streq(key, "unreferencedBlobMaxBytes"))
+      r = get_bytes(v, key, &cfg->unreferenced_max_bytes, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
     if (r < 0)

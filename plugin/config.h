@@ -46,6 +46,8 @@ typedef struct crimaged_config {
   char *containerd_address;   /* containerd's socket; "" = images are not handed to containerd */
   char *containerd_namespace; /* default namespace of the images handed over */
   char *containerd_snapshotter; /* containerd's name for crimage's snapshotter; "" = containerd's own */
+  int64_t unreferenced_retention_ms; /* what failed pulls left is kept this long after its last use */
+  uint64_t unreferenced_max_bytes;   /* and this much of it at most */
 } crimaged_config;
 
 void config_init(crimaged_config *cfg);

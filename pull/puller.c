@@ -848,8 +848,8 @@ static char *endpoint_host(const char *url)
   return xstrndup(s, strcspn(s, "/"));
 }
 
-static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, pull_state *st, pull_result *res,
-                   crimage_error **err)
+static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, store_holder *hold, pull_state *st,
+                   pull_result *res, crimage_error **err)
 {
   const image_ref *ref = req->ref;
   const char *handler = req->handler ? req->handler : "";
@@ -916,6 +916,11 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
   uint64_t total = manifest_image_size(m, st->body_len);
   emit(req, PULL_EVENT_RESOLVED, NULL, 0, total);
 
+  /* What this pull is about to look for in the store (and may find left by an earlier try) stays until it ends. */
+  store_pin(hold, manifest_digest);
+  store_pin(hold, m->config.digest);
+  for (size_t i = 0; i < m->n_layers; i++)
+    store_pin(hold, m->layers[i].digest);
   cleanup_store_image store_image *stored = already_stored(p, req, handler, m->config.digest, manifest_digest);
   bool unchanged = stored != NULL;
   cleanup_free char *user = NULL;
@@ -937,6 +942,8 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
     dynbuf_free(&cfg.bytes);
     user = TAKE_PTR(cfg.user);
     diff_ids = TAKE_PTR(cfg.diff_ids);
+    for (char **d = diff_ids; d && *d; d++)
+      store_pin(hold, *d); /* the unpacked layers, unreferenced until the image is recorded */
     if (r == 0 && m->n_layers > 0) {
       j.n_blobs = m->n_layers;
       j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));
@@ -1029,11 +1036,11 @@ int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_er
   pull_result res = {0};
   /* From before the first look at which blobs are present until the image is recorded: a concurrent RemoveImage
    * then defers deleting a shared blob this pull decided not to download. */
-  store_hold(p->store);
+  store_holder *hold = store_hold(p->store);
   for (size_t i = 0; i < n; i++) {
     pull_state st = {0};
     crimage_error *e = NULL;
-    r = do_pull(p, req, &eps[i], &st, &res, &e);
+    r = do_pull(p, req, &eps[i], hold, &st, &res, &e);
     pull_state_clear(&st);
     if (r == 0)
       break;
@@ -1047,7 +1054,7 @@ int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_er
       log_info("pulling %s: %s %s failed: %s", refstr, eps[i].mirror ? "mirror" : "registry", eps[i].url,
                e->message);
   }
-  store_release(p->store);
+  store_release(hold);
   if (r < 0) {
     /* One endpoint's error as it is; of several, the status of the one that says most about the image, and a
      * message naming each endpoint's result. */

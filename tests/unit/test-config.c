@@ -106,12 +106,53 @@ static void test_registry_upstream(void **state)
              "config key registries.docker.io.upstream: expected true or false");
 }
 
+/* unreferencedBlobRetention and unreferencedBlobMaxBytes (as bytes or a Kubernetes quantity); the packaged config
+ * holds the defaults. */
+static void test_unreferenced_keys(void **state)
+{
+  crimaged_config cfg;
+  load_ok("unreferencedBlobRetention: 90s\nunreferencedBlobMaxBytes: 500Mi\n", &cfg);
+  assert_int_equal(cfg.unreferenced_retention_ms, 90 * 1000);
+  assert_int_equal(cfg.unreferenced_max_bytes, 500ull << 20);
+  config_clear(&cfg);
+  const struct {
+    const char *text;
+    uint64_t want;
+  } sizes[] = {{"0", 0}, {"1073741824", 1ull << 30}, {"\"4Gi\"", 4ull << 30}, {"\"2G\"", 2000000000ull},
+               {"\"10k\"", 10000}, {"\"3Ki\"", 3072}, {"\"1Ti\"", 1ull << 40}, {"\"77\"", 77}};
+  for (size_t i = 0; i < ARRAY_SIZE(sizes); i++) {
+    cleanup_free char *text = xasprintf("unreferencedBlobMaxBytes: %s\n", sizes[i].text);
+    load_ok(text, &cfg);
+    assert_true(cfg.unreferenced_max_bytes == sizes[i].want);
+    config_clear(&cfg);
+  }
+  const char *bad[] = {"-1", "\"4GB\"", "\"1.5Gi\"", "\" 4Gi\"", "\"Gi\"", "\"99999999999999999999\"",
+                       "\"20000000Ti\"", "true"};
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+    cleanup_free char *text = xasprintf("unreferencedBlobMaxBytes: %s\n", bad[i]);
+    load_fails(text, "config key unreferencedBlobMaxBytes: expected a number of bytes");
+  }
+  load_fails("unreferencedBlobRetention: 5\n", "config key unreferencedBlobRetention: expected a duration");
+
+  crimaged_config packaged;
+  config_init(&packaged);
+  cleanup_error crimage_error *err = NULL;
+  if (config_load_file(&packaged, TEST_SRCDIR "/../../packaging/crimage.yaml", &err) < 0)
+    fail_msg("%s", err->message);
+  config_init(&cfg);
+  assert_int_equal(packaged.unreferenced_retention_ms, cfg.unreferenced_retention_ms);
+  assert_true(packaged.unreferenced_max_bytes == cfg.unreferenced_max_bytes);
+  config_clear(&cfg);
+  config_clear(&packaged);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_limits),
       cmocka_unit_test(test_basic),
       cmocka_unit_test(test_registry_upstream),
+      cmocka_unit_test(test_unreferenced_keys),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
