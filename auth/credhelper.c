@@ -74,7 +74,7 @@ int credhelper_get(const char *helper, const char *dir, const char *registry_hos
   cleanup_json json_object *resp = NULL;
   cleanup_free char *what = xasprintf("output of credential helper %s", name);
   /* json_parse messages name positions, never content. */
-  r = json_parse(res.out, res.out_len, what, &resp, err);
+  r = json_parse(res.out, res.out_len, what, CREDHELPER_JSON_LIMITS, &resp, err);
   if (r < 0)
     return r;
   if (!json_object_is_type(resp, json_type_object))

@@ -9,6 +9,8 @@
 #include "common/error.h"
 
 #define CREDHELPER_MAX_OUTPUT (64 * 1024)
+/* Its output is one flat object holding a secret (json_limits). */
+#define CREDHELPER_JSON_LIMITS JSON_LIMITS_QUIET(1u << 20, 64)
 #define CREDHELPER_DEFAULT_TIMEOUT_MS 30000
 
 /* The server URL docker hands a helper for a registry host[:port]: Docker Hub is "https://index.docker.io/v1/",

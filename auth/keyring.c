@@ -196,7 +196,7 @@ int keyring_add_docker_config_json(keyring *k, const char *data, size_t len, con
                                    crimage_error **err)
 {
   cleanup_json json_object *root = NULL;
-  int r = json_parse(data, len, what, &root, err);
+  int r = json_parse(data, len, what, KEYRING_JSON_LIMITS, &root, err);
   if (r < 0)
     return r;
   if (!json_object_is_type(root, json_type_object))
@@ -233,7 +233,7 @@ int keyring_add_dockercfg(keyring *k, const char *data, size_t len, const char *
                           crimage_error **err)
 {
   cleanup_json json_object *root = NULL;
-  int r = json_parse(data, len, what, &root, err);
+  int r = json_parse(data, len, what, KEYRING_JSON_LIMITS, &root, err);
   if (r < 0)
     return r;
   return keyring_add_config(k, root, source, what, err);

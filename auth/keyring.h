@@ -17,6 +17,9 @@
 /* Largest docker config file or Secret payload accepted, and most entries in one. */
 #define KEYRING_MAX_FILE_SIZE (1024 * 1024)
 #define KEYRING_MAX_ENTRIES 4096
+/* What parsing a docker config may build (json_limits): a map of at most KEYRING_MAX_ENTRIES registries, 8 MiB of
+ * tree; errors never quote it (it holds secrets). */
+#define KEYRING_JSON_LIMITS JSON_LIMITS_QUIET(8u << 20, KEYRING_MAX_ENTRIES)
 
 typedef struct keyring keyring;
 

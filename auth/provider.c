@@ -230,7 +230,7 @@ int provider_set_parse(const char *data, size_t len, const char *what, const cha
                        provider_set **ret, crimage_error **err)
 {
   cleanup_json json_object *root = NULL;
-  int r = yaml_parse(data, len, what, &root, err);
+  int r = yaml_parse(data, len, what, PROVIDER_CONFIG_JSON_LIMITS, &root, err);
   if (r < 0)
     return r;
   if (!json_object_is_type(root, json_type_object))
@@ -404,7 +404,7 @@ static int parse_response(provider *p, const char *out, size_t out_len, keyring 
 
   cleanup_json json_object *resp = NULL;
   /* Nothing of stdout is ever quoted in an error: it holds secrets. json_parse errors describe the position. */
-  r = json_parse(out, out_len, "plugin response", &resp, err);
+  r = json_parse(out, out_len, "plugin response", PROVIDER_RESPONSE_JSON_LIMITS, &resp, err);
   if (r < 0)
     return r;
   if (!json_object_is_type(resp, json_type_object))

@@ -14,6 +14,10 @@
 
 #define PROVIDER_MAX_CONFIG_SIZE (1024 * 1024)
 #define PROVIDER_MAX_RESPONSE_SIZE (1024 * 1024)
+/* What parsing a CredentialProviderConfig or a plugin's response may build (json_limits); a response holds
+ * secrets. */
+#define PROVIDER_CONFIG_JSON_LIMITS JSON_LIMITS(8u << 20, 1024)
+#define PROVIDER_RESPONSE_JSON_LIMITS JSON_LIMITS_QUIET(8u << 20, KEYRING_MAX_ENTRIES)
 #define PROVIDER_MAX_STDERR 2048
 #define PROVIDER_DEFAULT_TIMEOUT_MS 60000
 #define PROVIDER_MAX_CACHE_ENTRIES 1024

@@ -74,7 +74,7 @@ int secret_to_keyring(json_object *secret, const char *what, keyring **ret, crim
   cleanup_keyring keyring *k = keyring_new();
   if (streq(key, ".dockerconfigjson")) {
     cleanup_json json_object *root = NULL;
-    r = json_parse(payload, len, payload_what, &root, err);
+    r = json_parse(payload, len, payload_what, KEYRING_JSON_LIMITS, &root, err);
     if (r < 0)
       return r;
     json_object *auths = NULL;
@@ -123,7 +123,7 @@ static int add_secret(keyring_vec *kv, json_object *o, const char *what, crimage
 static int parse_into(keyring_vec *kv, const char *data, size_t len, const char *what, crimage_error **err)
 {
   cleanup_json json_object *docs = NULL;
-  int r = yaml_parse_all(data, len, what, SECRETS_MAX_COUNT, &docs, err);
+  int r = yaml_parse_all(data, len, what, SECRETS_MAX_COUNT, SECRETS_JSON_LIMITS, &docs, err);
   if (r < 0)
     return r;
   for (size_t i = 0; i < json_object_array_length(docs); i++) {

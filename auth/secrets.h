@@ -13,6 +13,9 @@
 
 #define SECRETS_MAX_FILE_SIZE (4 * 1024 * 1024)
 #define SECRETS_MAX_COUNT 1024
+/* What parsing a file of Secrets may build (json_limits, all its documents together): a kubectl-made Secret takes
+ * about 5 KiB of tree beside its payload, so SECRETS_MAX_COUNT of them fit in 16 MiB; quiet: they hold secrets. */
+#define SECRETS_JSON_LIMITS JSON_LIMITS_QUIET(16u << 20, KEYRING_MAX_ENTRIES)
 
 /* One Secret object. what names the input in errors. */
 int secret_to_keyring(json_object *secret, const char *what, keyring **ret, crimage_error **err);

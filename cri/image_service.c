@@ -357,7 +357,7 @@ static int build_info(image_service *svc, const store_image *img, char **ret_jso
   if (r < 0)
     return crimage_error_wrap(err, "reading the config of %s", img->id);
   cleanup_json json_object *config = NULL;
-  r = json_parse(data, len, "image config", &config, err);
+  r = json_parse(data, len, "image config", IMAGE_CONFIG_JSON_LIMITS, &config, err);
   if (r < 0)
     return r;
   json_object *info = json_object_new_object();

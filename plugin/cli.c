@@ -20,6 +20,7 @@
 #include "common/util.h"
 #include "crimage.h"
 #include "rootfs.h"
+#include "pull/manifest.h"
 
 enum {
   EXIT_OK = 0,
@@ -878,7 +879,7 @@ static json_object *inspect_json(const crimage_image *img, const char *info_json
   json_object_object_add(obj, "status", cli_image_to_json(img));
   json_object *info = NULL;
   crimage_error *err = NULL;
-  if (info_json && json_parse(info_json, strlen(info_json), "info", &info, &err) == 0) {
+  if (info_json && json_parse(info_json, strlen(info_json), "info", IMAGE_CONFIG_JSON_LIMITS, &info, &err) == 0) {
     json_object_object_foreach(info, key, value) json_object_object_add(obj, key, json_object_get(value));
     json_object_put(info);
   }
@@ -1184,7 +1185,7 @@ static int image_layers(crimage_client *client, const char *image, const char *h
   crimage_image_free(img);
   cleanup_json json_object *obj = NULL;
   json_object *dirs = NULL;
-  if (info_json && json_parse(info_json, strlen(info_json), "image info", &obj, err) < 0)
+  if (info_json && json_parse(info_json, strlen(info_json), "image info", IMAGE_CONFIG_JSON_LIMITS, &obj, err) < 0)
     return crimage_error_wrap(err, "the service's answer");
   dirs = json_get_array(json_get_object(obj, "info"), "unpackedLayers");
   if (!dirs || json_object_array_length(dirs) == 0) {

@@ -9,6 +9,7 @@
 #include "cri/api.pb-c.h"
 #include "cri/crimage.pb-c.h"
 #include "cri/rpc_client.h"
+#include "pull/manifest.h"
 #include "crimage.h"
 
 struct crimage_client {
@@ -209,7 +210,7 @@ static char *info_to_json(Runtime__V1__ImageStatusResponse__InfoEntry **entries,
     const char *value = entries[i]->value ? entries[i]->value : "";
     json_object *v = NULL;
     crimage_error *perr = NULL;
-    if (json_parse(value, strlen(value), key, &v, &perr) < 0) {
+    if (json_parse(value, strlen(value), key, IMAGE_CONFIG_JSON_LIMITS, &v, &perr) < 0) {
       crimage_error_free(perr);
       v = json_object_new_string(value);
     }

@@ -6,10 +6,14 @@
 #include "common/util.h"
 #include "plugin/config.h"
 #include "pull/scheduler.h"
+#include "pull/store.h"
 
 #define CONFIG_MAX_SIZE (1024 * 1024)
 /* Files in <config>.d/ at most: a directory an operator fills by hand, not a database. */
 #define CONFIG_MAX_DROPINS 64
+/* What parsing the config may build (json_limits): lists and maps of up to 4096 entries (pinnedImages,
+ * registries), 8 MiB of tree. */
+#define CONFIG_JSON_LIMITS JSON_LIMITS(8u << 20, 4096)
 
 void config_init(crimaged_config *cfg)
 {
@@ -37,6 +41,8 @@ void config_init(crimaged_config *cfg)
       .containerd_namespace = xstrdup("k8s.io"),
       .containerd_snapshotter = xstrdup(""),
       .snapshotter_socket = xstrdup(""),
+      .unreferenced_retention_ms = STORE_DEFAULT_RETENTION_MS,
+      .unreferenced_max_bytes = STORE_DEFAULT_UNREFERENCED_MAX_BYTES,
   };
 }
 
@@ -129,6 +135,34 @@ static int get_duration(json_object *v, const char *key, int64_t *dst, crimage_e
   return 0;
 }
 
+/* A number of bytes: an integer, or a string as Kubernetes writes quantities ("500Mi", "4Gi", "2G", "1000"). */
+static int get_bytes(json_object *v, const char *key, uint64_t *dst, crimage_error **err)
+{
+  if (json_object_is_type(v, json_type_int) && json_object_get_int64(v) >= 0) {
+    *dst = (uint64_t) json_object_get_int64(v);
+    return 0;
+  }
+  static const struct {
+    const char *suffix;
+    uint64_t factor;
+  } units[] = {{"Ki", 1ull << 10}, {"Mi", 1ull << 20}, {"Gi", 1ull << 30}, {"Ti", 1ull << 40}, {"k", 1000ull},
+               {"M", 1000ull * 1000}, {"G", 1000ull * 1000 * 1000}, {"T", 1000ull * 1000 * 1000 * 1000}, {"", 1}};
+  const char *s = json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
+  size_t digits = s ? strspn(s, "0123456789") : 0;
+  for (size_t i = 0; digits > 0 && digits <= 19 && i < ARRAY_SIZE(units); i++) {
+    if (!streq(s + digits, units[i].suffix))
+      continue;
+    cleanup_free char *num = xstrndup(s, digits);
+    uint64_t n = 0;
+    if (parse_u64_decimal(num, &n) < 0 || n > UINT64_MAX / units[i].factor)
+      break;
+    *dst = n * units[i].factor;
+    return 0;
+  }
+  return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                           "config key %s: expected a number of bytes such as 1073741824 or \"4Gi\"", key);
+}
+
 static int get_strv(json_object *v, const char *key, char ***dst, crimage_error **err)
 {
   if (!json_object_is_type(v, json_type_array))
@@ -201,10 +235,15 @@ static int load_registries(crimaged_config *cfg, json_object *v, crimage_error *
     {
       cleanup_free char *path = xasprintf("registries.%s.%s", host, k);
       int r;
+      bool upstream = true;
       if (streq(k, "insecure"))
         r = get_bool(val, path, &h->insecure, err);
       else if (streq(k, "mirrors"))
         r = load_mirrors(h, val, path, err);
+      else if (streq(k, "upstream")) {
+        r = get_bool(val, path, &upstream, err);
+        h->mirrors_only = !upstream;
+      }
       else
         r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", path);
       if (r < 0)
@@ -325,12 +364,31 @@ static int load_containerd(crimaged_config *cfg, json_object *v, crimage_error *
   return 0;
 }
 
+static int load_root(crimaged_config *cfg, json_object *root, const char *path, crimage_error **err);
+
 int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err)
 {
   cleanup_json json_object *root = NULL;
-  int r = yaml_parse_file(path, CONFIG_MAX_SIZE, &root, err);
+  int r = yaml_parse_file(path, CONFIG_MAX_SIZE, CONFIG_JSON_LIMITS, &root, err);
   if (r < 0)
     return r;
+  return load_root(cfg, root, path, err);
+}
+
+int config_load_buffer(crimaged_config *cfg, const char *data, size_t len, const char *what, crimage_error **err)
+{
+  if (len > CONFIG_MAX_SIZE)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EFBIG, "%s: larger than %d bytes", what, CONFIG_MAX_SIZE);
+  cleanup_json json_object *root = NULL;
+  int r = yaml_parse(data, len, what, CONFIG_JSON_LIMITS, &root, err);
+  if (r < 0)
+    return r;
+  return load_root(cfg, root, what, err);
+}
+
+static int load_root(crimaged_config *cfg, json_object *root, const char *path, crimage_error **err)
+{
+  int r = 0;
   if (!json_object_is_type(root, json_type_object))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "%s: expected a map of settings", path);
 
@@ -405,6 +463,10 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
       r = get_bool(v, key, &cfg->unpack_layers, err);
     else if (streq(key, "snapshotterSocket"))
       r = get_string(v, key, &cfg->snapshotter_socket, err);
+    else if (streq(key, "unreferencedBlobRetention"))
+      r = get_duration(v, key, &cfg->unreferenced_retention_ms, err);
+    else if (streq(key, "unreferencedBlobMaxBytes"))
+      r = get_bytes(v, key, &cfg->unreferenced_max_bytes, err);
     else
       r = crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s", key);
     if (r < 0)
@@ -470,6 +532,11 @@ int config_validate(const crimaged_config *cfg, crimage_error **err)
       return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
                                "runtimeHandlers.%s.containerdNamespace \"%s\" is not a valid containerd namespace",
                                cfg->handlers[i].name, cfg->handlers[i].containerd_namespace);
+  for (size_t i = 0; i < cfg->n_registries; i++)
+    if (cfg->registries[i].mirrors_only && cfg->registries[i].n_mirrors == 0)
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0,
+                               "registries.%s: upstream: false needs at least one mirror to pull from",
+                               cfg->registries[i].host);
   for (size_t i = 0; i < cfg->n_registries; i++)
     for (size_t j = 0; j < cfg->registries[i].n_mirrors; j++) {
       const char *e = cfg->registries[i].mirrors[j].endpoint;

@@ -47,6 +47,8 @@ typedef struct crimaged_config {
   char *containerd_namespace; /* default namespace of the images handed over */
   char *containerd_snapshotter; /* containerd's name for crimage's snapshotter; "" = containerd's own */
   char *snapshotter_socket;   /* where containerd's proxy snapshotter is served; "" = not served */
+  int64_t unreferenced_retention_ms; /* what failed pulls left is kept this long after its last use */
+  uint64_t unreferenced_max_bytes;   /* and this much of it at most */
 } crimaged_config;
 
 void config_init(crimaged_config *cfg);
@@ -56,6 +58,8 @@ int config_load_file(crimaged_config *cfg, const char *path, crimage_error **err
 /* The file, then every *.yaml, *.yml and *.json of the directory <path>.d (if there is one) in name order, each
  * merged over what came before: a package's file stays as shipped and local settings go in drop-ins. */
 int config_load_with_dropins(crimaged_config *cfg, const char *path, crimage_error **err);
+/* The same from a buffer (at most 1 MiB, as a file); what names it in errors. */
+int config_load_buffer(crimaged_config *cfg, const char *data, size_t len, const char *what, crimage_error **err);
 /* Adds (or updates) registries.<host>.insecure = true. */
 void config_add_insecure_registry(crimaged_config *cfg, const char *host);
 /* Checks combinations, as kubelet refuses invalid pull settings at start-up. */

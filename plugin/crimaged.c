@@ -29,6 +29,7 @@
 typedef struct daemon_ctx {
   crimaged_config cfg;
   int lock_fd;
+  store_options store_opts; /* of every store: how long and how much unreferenced content is kept */
   store *store;
   puller *puller;
   scheduler *scheduler;
@@ -213,7 +214,7 @@ static int open_handler_stores(daemon_ctx *d, const puller_options *po, crimage_
         return crimage_error_wrap(err, "runtime handler \"%s\"", h->name);
       d->lock_fds[k] = fd;
       d->n_all_stores++;
-      r = store_open(h->root, &d->all_stores[k], err);
+      r = store_open_opts(h->root, &d->store_opts, &d->all_stores[k], err);
       if (r < 0)
         return crimage_error_wrap(err, "opening the store of runtime handler \"%s\"", h->name);
       r = puller_new(d->all_stores[k], po, &d->extra_pullers[k], err);
@@ -306,7 +307,9 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
   int r = lock_dir(d->cfg.root, &d->lock_fd, err);
   if (r < 0)
     return r;
-  r = store_open(d->cfg.root, &d->store, err);
+  d->store_opts = (store_options){.unreferenced_retention_ms = d->cfg.unreferenced_retention_ms,
+                                  .unreferenced_max_bytes = d->cfg.unreferenced_max_bytes};
+  r = store_open_opts(d->cfg.root, &d->store_opts, &d->store, err);
   if (r < 0)
     return crimage_error_wrap(err, "opening the store");
 
@@ -333,10 +336,14 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
     if (r < 0)
       return r;
   }
-  /* Unpacked layers no image lists any more (a crash between unpacking and recording) go now, unless a snapshot
-   * stands on them. */
-  for (size_t i = 0; i < d->n_all_stores; i++)
-    store_sweep_layers(d->all_stores[i]);
+  /* Unreferenced content (a failed or interrupted pull's, unpacked layers no image lists any more) goes once its
+   * retention has passed or it exceeds its limit, unless a snapshot stands on it: swept now and from now on (the
+   * snapshotter, which says what its snapshots use, is open by then). */
+  for (size_t i = 0; i < d->n_all_stores; i++) {
+    r = store_start_sweeper(d->all_stores[i], err);
+    if (r < 0)
+      return r;
+  }
 
   scheduler_options so;
   scheduler_options_init(&so);

@@ -199,7 +199,7 @@ int manifest_parse(const char *data, size_t len, const char *content_type, manif
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "manifest of %zu bytes exceeds the limit of %u",
                              len, MANIFEST_MAX_SIZE);
   cleanup_json json_object *root = NULL;
-  int r = json_parse(data, len, "manifest", &root, err);
+  int r = json_parse(data, len, "manifest", MANIFEST_JSON_LIMITS, &root, err);
   if (r < 0)
     return r;
   if (!json_object_is_type(root, json_type_object))
@@ -298,7 +298,10 @@ int image_config_parse(const char *data, size_t len, size_t n_layers, size_t n_s
                        char ***ret_diff_ids, crimage_error **err)
 {
   cleanup_json json_object *root = NULL;
-  int r = json_parse(data, len, "image config", &root, err);
+  if (len > IMAGE_CONFIG_MAX_SIZE)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "image config of %zu bytes exceeds the limit of %u",
+                             len, IMAGE_CONFIG_MAX_SIZE);
+  int r = json_parse(data, len, "image config", IMAGE_CONFIG_JSON_LIMITS, &root, err);
   if (r < 0)
     return r;
   if (!json_object_is_type(root, json_type_object))

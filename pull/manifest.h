@@ -24,8 +24,16 @@
 #define MANIFEST_MAX_SIZE (4u * 1024 * 1024)
 #define MANIFEST_MAX_LAYERS 1000
 #define MANIFEST_MAX_ENTRIES 1000 /* manifests in an index */
-/* The one limit of an image config: the pull refuses a larger one and ImageStatus reads any it accepted. */
+/* What parsing a manifest or an index may build (json_limits, checked before json-c builds anything): no array or
+ * object longer than the longer of the two lists above, and a tree of at most 16 MiB (an index of 1000 entries
+ * with platforms and annotations takes about 3 MiB). */
+#define MANIFEST_JSON_LIMITS JSON_LIMITS(16u << 20, 1000)
+_Static_assert(MANIFEST_MAX_LAYERS <= 1000 && MANIFEST_MAX_ENTRIES <= 1000, "MANIFEST_JSON_LIMITS fits both lists");
+/* The one limit of an image config: the pull refuses a larger one and ImageStatus reads any it accepted; also its
+ * shape: at most 10000 entries in any list or map (history, Env, Labels) and 24 MiB of tree (a config of 8 MiB
+ * of real strings takes little more than its size; one of empty objects would take 100 times it). */
 #define IMAGE_CONFIG_MAX_SIZE (8u * 1024 * 1024)
+#define IMAGE_CONFIG_JSON_LIMITS JSON_LIMITS(24u << 20, 10000)
 
 typedef struct manifest_descriptor {
   char *media_type;

@@ -75,6 +75,7 @@ int puller_new(store *s, const puller_options *opts, puller **ret, crimage_error
       registry_host *dst = &p->hosts[i];
       dst->host = xstrdup(src->host ? src->host : "");
       dst->insecure = src->insecure;
+      dst->mirrors_only = src->mirrors_only;
       if (src->n_mirrors > 0) {
         dst->mirrors = xcalloc(src->n_mirrors, sizeof(*dst->mirrors));
         for (size_t j = 0; j < src->n_mirrors; j++) {
@@ -287,12 +288,21 @@ static layer_compression layer_compression_of(const char *media_type)
 
 typedef struct pull_job pull_job;
 
+/* The image config a download brings, read before its blob is committed. */
+typedef struct config_out {
+  size_t n_layers, n_skipped; /* of the manifest, to match the diff_ids to */
+  dynbuf bytes;               /* the config as it arrives (it is at most IMAGE_CONFIG_MAX_SIZE) */
+  char *user;
+  char **diff_ids;
+} config_out;
+
 typedef struct blob_task {
   const manifest_descriptor *desc;
   pull_job *job;
   store_ingest *ingest;
   layer_check *check; /* NULL: no diff_id check (or the unpacker checks it) */
   unpack *unpack;     /* NULL: the layer is not unpacked in this pass */
+  config_out *config; /* NULL: not the image config */
   uint64_t base; /* ingest offset when the current request started */
 } blob_task;
 
@@ -351,6 +361,40 @@ static int unpack_feed(void *userdata, const void *data, size_t len, crimage_err
   return unpack_write(userdata, data, len, err);
 }
 
+static int config_collect(void *userdata, const void *data, size_t len, crimage_error **err)
+{
+  config_out *c = userdata;
+  if (dynbuf_append(&c->bytes, data, len) < 0)
+    return crimage_error_set(err, CRIMAGE_DATA_LOSS, EFBIG, "image config is larger than its descriptor says");
+  return 0;
+}
+
+/* Verifies and reads an image config before its blob is accepted (or, stored already, before it is used): its
+ * shape and what parsing it costs are bounded (IMAGE_CONFIG_JSON_LIMITS), so a config that is not one never
+ * becomes a blob of the store. */
+static int config_accept(const pull_job *j, const manifest_descriptor *desc, config_out *c, const char *data,
+                         size_t len, crimage_error **err)
+{
+  const char *host = registry_repo_host(j->repo);
+  int r = verify_digest(desc->digest, data, len, host, "image config", err);
+  if (r < 0)
+    return r;
+  r = image_config_parse(data, len, c->n_layers, c->n_skipped, &c->user, &c->diff_ids, err);
+  if (r < 0)
+    return crimage_error_wrap(err, "registry %s: image %s", host, desc->digest);
+  return 0;
+}
+
+static int config_read_stored(const pull_job *j, const manifest_descriptor *desc, config_out *c, crimage_error **err)
+{
+  cleanup_free char *data = NULL;
+  size_t len = 0;
+  int r = store_blob_read(j->p->store, desc->digest, IMAGE_CONFIG_MAX_SIZE, &data, &len, err);
+  if (r < 0)
+    return r;
+  return config_accept(j, desc, c, data, len, err);
+}
+
 static int sink_write(void *userdata, const void *data, size_t len, crimage_error **err)
 {
   blob_task *t = userdata;
@@ -358,6 +402,8 @@ static int sink_write(void *userdata, const void *data, size_t len, crimage_erro
   if (r < 0)
     return r;
   /* The bytes go on to the unpacker (which inflates, hashes and extracts them) or to the diff_id check alone. */
+  if (t->config)
+    return config_collect(t->config, data, len, err);
   if (t->unpack)
     return unpack_write(t->unpack, data, len, err);
   if (t->check)
@@ -369,6 +415,8 @@ static int sink_restart(void *userdata, crimage_error **err)
 {
   blob_task *t = userdata;
   t->base = 0;
+  if (t->config)
+    dynbuf_reset(&t->config->bytes);
   if (t->check)
     layer_check_reset(t->check);
   if (t->unpack) {
@@ -463,13 +511,18 @@ static int blob_check_new(const pull_job *j, const manifest_descriptor *desc, co
   }
 }
 
-static int download_blob(pull_job *j, const manifest_descriptor *desc, const char *diff_id, crimage_error **err)
+/* Downloads one blob (a layer, or the config when config is given: it is read into *config before the commit) into
+ * the store, unless it is there. */
+static int download_blob(pull_job *j, const manifest_descriptor *desc, const char *diff_id, config_out *config,
+                         crimage_error **err)
 {
   store *s = j->p->store;
   uint64_t have = 0;
-  blob_task t = {.desc = desc, .job = j};
+  blob_task t = {.desc = desc, .job = j, .config = config};
   if (store_blob_exists(s, desc->digest, &have)) {
-    int r = want_unpack(j, desc, diff_id) ? unpack_stored(j, &t, diff_id, err) : 0;
+    int r = config ? config_read_stored(j, desc, config, err) : 0;
+    if (r == 0 && want_unpack(j, desc, diff_id))
+      r = unpack_stored(j, &t, diff_id, err);
     if (r == 0)
       emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, have, have);
     return r;
@@ -493,7 +546,9 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
   if (r == -EEXIST) {
     /* Another writer finished it while we waited for its lock (and unpacked it, if it unpacks). */
     blob_task_drop_checks(&t);
-    r = want_unpack(j, desc, diff_id) ? unpack_stored(j, &t, diff_id, err) : 0;
+    r = config ? config_read_stored(j, desc, config, err) : 0;
+    if (r == 0 && want_unpack(j, desc, diff_id))
+      r = unpack_stored(j, &t, diff_id, err);
     if (r == 0)
       emit(j->req, PULL_EVENT_BLOB_DONE, desc->digest, (uint64_t) desc->size, (uint64_t) desc->size);
     return r;
@@ -502,11 +557,13 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
     blob_task_drop_checks(&t);
     return r;
   }
-  if ((t.check || t.unpack) && store_ingest_offset(t.ingest) > 0) {
-    /* Resuming: the inflater (or unpacker) catches up on the partial bytes first (read once; only on this path). */
+  if ((t.check || t.unpack || t.config) && store_ingest_offset(t.ingest) > 0) {
+    /* Resuming: the inflater (or unpacker, or the config's reader) catches up on the partial bytes first (read
+     * once; only on this path). */
     cleanup_error crimage_error *e = NULL;
-    r = t.unpack ? store_ingest_replay(t.ingest, unpack_feed, t.unpack, &e)
-                 : store_ingest_replay(t.ingest, layer_check_feed, t.check, &e);
+    r = t.config   ? store_ingest_replay(t.ingest, config_collect, t.config, &e)
+        : t.unpack ? store_ingest_replay(t.ingest, unpack_feed, t.unpack, &e)
+                   : store_ingest_replay(t.ingest, layer_check_feed, t.check, &e);
     if (r < 0) {
       log_info("partial layer %s: %s; downloading it again", desc->digest, e->message);
       r = sink_restart(&t, err);
@@ -542,7 +599,15 @@ static int download_blob(pull_job *j, const manifest_descriptor *desc, const cha
     }
     log_info("registry %s: blob %s: %s; retrying", registry_repo_host(j->repo), desc->digest, e->message);
   }
-  /* Before the commit: a layer whose content is not what the config says never becomes visible. */
+  /* Before the commit: a layer whose content is not what the config says never becomes visible, nor does a config
+   * that is not one. */
+  if (t.config) {
+    r = config_accept(j, desc, t.config, t.config->bytes.data ? t.config->bytes.data : "", t.config->bytes.len, err);
+    if (r < 0) {
+      store_ingest_abort(t.ingest, false);
+      return r;
+    }
+  }
   if (t.check)
     r = layer_check_finish(t.check, err);
   else if (t.unpack)
@@ -572,7 +637,7 @@ static void *worker(void *arg)
     pthread_mutex_unlock(&j->lock);
 
     crimage_error *e = NULL;
-    int r = download_blob(j, j->blobs[i], j->diff_ids ? j->diff_ids[i] : NULL, &e);
+    int r = download_blob(j, j->blobs[i], j->diff_ids ? j->diff_ids[i] : NULL, NULL, &e);
     if (r < 0) {
       pthread_mutex_lock(&j->lock);
       /* The first real error wins over the CANCELLED it causes in the other transfers. */
@@ -744,6 +809,28 @@ static int try_unchanged(puller *p, const pull_request *req, registry_repo *repo
   return 1;
 }
 
+/* How much a failed attempt says about the image, to pick the status of a pull that every endpoint failed: an
+ * answer about the image itself (it is there but unusable, or not there for us, or not there) tells more than a
+ * registry that was too busy, and any answer more than an endpoint that gave none. */
+static int status_rank(crimage_status s)
+{
+  switch (s) {
+  case CRIMAGE_INVALID_ARGUMENT:
+  case CRIMAGE_DATA_LOSS:
+  case CRIMAGE_FAILED_PRECONDITION:
+    return 4;
+  case CRIMAGE_UNAUTHENTICATED:
+  case CRIMAGE_PERMISSION_DENIED:
+    return 3;
+  case CRIMAGE_NOT_FOUND:
+    return 2;
+  case CRIMAGE_RESOURCE_EXHAUSTED:
+    return 1;
+  default:
+    return 0;
+  }
+}
+
 /* Where one attempt of a pull goes: a mirror or the upstream registry. */
 typedef struct pull_endpoint {
   char *url;          /* "https://host[:port][/prefix]" */
@@ -761,8 +848,8 @@ static char *endpoint_host(const char *url)
   return xstrndup(s, strcspn(s, "/"));
 }
 
-static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, pull_state *st, pull_result *res,
-                   crimage_error **err)
+static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, store_holder *hold, pull_state *st,
+                   pull_result *res, crimage_error **err)
 {
   const image_ref *ref = req->ref;
   const char *handler = req->handler ? req->handler : "";
@@ -829,6 +916,11 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
   uint64_t total = manifest_image_size(m, st->body_len);
   emit(req, PULL_EVENT_RESOLVED, NULL, 0, total);
 
+  /* What this pull is about to look for in the store (and may find left by an earlier try) stays until it ends. */
+  store_pin(hold, manifest_digest);
+  store_pin(hold, m->config.digest);
+  for (size_t i = 0; i < m->n_layers; i++)
+    store_pin(hold, m->layers[i].digest);
   cleanup_store_image store_image *stored = already_stored(p, req, handler, m->config.digest, manifest_digest);
   bool unchanged = stored != NULL;
   cleanup_free char *user = NULL;
@@ -844,17 +936,14 @@ static int do_pull(puller *p, const pull_request *req, const pull_endpoint *ep, 
     pull_job j = {.p = p, .req = req, .repo = st->repo};
     pthread_mutex_init(&j.lock, NULL);
     /* The config first: its diff_ids are what the layers are checked against. */
-    r = download_blob(&j, &m->config, NULL, err);
-    if (r == 0) {
-      cleanup_free char *cfg = NULL;
-      size_t cfg_len = 0;
-      r = store_blob_read(p->store, m->config.digest, IMAGE_CONFIG_MAX_SIZE, &cfg, &cfg_len, err);
-      if (r == 0) {
-        r = image_config_parse(cfg, cfg_len, m->n_layers, m->n_skipped_layers, &user, &diff_ids, err);
-        if (r < 0)
-          crimage_error_wrap(err, "image %s", m->config.digest);
-      }
-    }
+    config_out cfg = {.n_layers = m->n_layers, .n_skipped = m->n_skipped_layers};
+    dynbuf_init(&cfg.bytes, IMAGE_CONFIG_MAX_SIZE);
+    r = download_blob(&j, &m->config, NULL, &cfg, err);
+    dynbuf_free(&cfg.bytes);
+    user = TAKE_PTR(cfg.user);
+    diff_ids = TAKE_PTR(cfg.diff_ids);
+    for (char **d = diff_ids; d && *d; d++)
+      store_pin(hold, *d); /* the unpacked layers, unreferenced until the image is recorded */
     if (r == 0 && m->n_layers > 0) {
       j.n_blobs = m->n_layers;
       j.blobs = xcalloc(j.n_blobs, sizeof(*j.blobs));
@@ -924,57 +1013,87 @@ int puller_pull(puller *p, const pull_request *req, pull_result *ret, crimage_er
     eps[n].mirror = true;
     n++;
   }
-  eps[n].url = upstream_endpoint(p, ref->domain);
-  eps[n].host = xstrdup(ref->domain);
-  eps[n].cred = credential_applies(req->cred, ref->domain) ? req->cred : NULL;
-  if (req->cred && !eps[n].cred)
-    log_debug("credential from %s is for %s, not %s: pulling anonymously",
-              req->cred->source ? req->cred->source : "request", req->cred->server_address, ref->domain);
-  n++;
+  /* A registry served by its mirrors only is never asked itself (the config refuses one without mirrors). */
+  if (!h || !h->mirrors_only) {
+    eps[n].url = upstream_endpoint(p, ref->domain);
+    eps[n].host = xstrdup(ref->domain);
+    eps[n].cred = credential_applies(req->cred, ref->domain) ? req->cred : NULL;
+    if (req->cred && !eps[n].cred)
+      log_debug("credential from %s is for %s, not %s: pulling anonymously",
+                req->cred->source ? req->cred->source : "request", req->cred->server_address, ref->domain);
+    n++;
+  }
+  if (n == 0) {
+    free(eps);
+    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                             "pulling %s: registry %s is served by its mirrors only, and none is configured",
+                             refstr ? refstr : "image", ref->domain);
+  }
 
-  cleanup_dynbuf dynbuf tried;
-  dynbuf_init(&tried, 4096);
+  crimage_error **errs = xcalloc(n, sizeof(*errs));
+  size_t n_tried = 0;
   int r = 0;
   pull_result res = {0};
   /* From before the first look at which blobs are present until the image is recorded: a concurrent RemoveImage
    * then defers deleting a shared blob this pull decided not to download. */
-  store_hold(p->store);
+  store_holder *hold = store_hold(p->store);
   for (size_t i = 0; i < n; i++) {
     pull_state st = {0};
     crimage_error *e = NULL;
-    r = do_pull(p, req, &eps[i], &st, &res, &e);
+    r = do_pull(p, req, &eps[i], hold, &st, &res, &e);
     pull_state_clear(&st);
     if (r == 0)
       break;
     pull_result_clear(&res);
+    errs[n_tried++] = e;
     /* A failing mirror (down, stalled, missing the image) falls through to the next one and finally to the
      * upstream; a cancelled pull stops. Partial blobs stay in the ingest area and are resumed from there. */
-    if (i + 1 < n && e->status != CRIMAGE_CANCELLED) {
-      log_info("pulling %s: mirror %s failed: %s", refstr, eps[i].url, e->message);
-      (void) dynbuf_printf(&tried, "%smirror %s: %s", tried.len ? "; " : "", eps[i].url,
-                           crimage_status_name(e->status));
-      crimage_error_clear(&e);
-      continue;
-    }
-    if (err && !*err)
-      *err = e;
-    else
-      crimage_error_clear(&e);
-    break;
+    if (e->status == CRIMAGE_CANCELLED)
+      break;
+    if (i + 1 < n)
+      log_info("pulling %s: %s %s failed: %s", refstr, eps[i].mirror ? "mirror" : "registry", eps[i].url,
+               e->message);
   }
-  store_release(p->store);
+  store_release(hold);
+  if (r < 0) {
+    /* One endpoint's error as it is; of several, the status of the one that says most about the image, and a
+     * message naming each endpoint's result. */
+    size_t pick = n_tried - 1;
+    if (errs[pick]->status != CRIMAGE_CANCELLED)
+      for (size_t i = 0; i < n_tried; i++)
+        if (status_rank(errs[i]->status) > status_rank(errs[pick]->status) ||
+            (status_rank(errs[i]->status) == status_rank(errs[pick]->status) && i < pick))
+          pick = i;
+    crimage_error *e = TAKE_PTR(errs[pick]);
+    if (n_tried > 1) {
+      cleanup_dynbuf dynbuf msg;
+      dynbuf_init(&msg, 64 * 1024);
+      for (size_t i = 0; i < n_tried; i++) {
+        const crimage_error *ei = i == pick ? e : errs[i];
+        (void) dynbuf_printf(&msg, "%s%s %s: %s: %s", i ? "; " : "", eps[i].mirror ? "mirror" : "upstream",
+                             eps[i].mirror ? eps[i].url : eps[i].host, crimage_status_name(ei->status), ei->message);
+      }
+      free(e->message);
+      e->message = xasprintf("every endpoint failed: %s", msg.data ? msg.data : "");
+    }
+    r = -(e->errnum > 0 ? e->errnum : EIO);
+    if (err && !*err) {
+      *err = e;
+      crimage_error_wrap(err, "pulling %s", refstr ? refstr : "image");
+    } else {
+      crimage_error_clear(&e);
+    }
+  }
+  for (size_t i = 0; i < n_tried; i++)
+    crimage_error_clear(&errs[i]);
+  free(errs);
   for (size_t i = 0; i < n; i++) {
     free(eps[i].url);
     free(eps[i].host);
   }
   free(eps);
-  if (r < 0) {
-    if (tried.len)
-      crimage_error_wrap(err, "pulling %s (after %s)", refstr ? refstr : "image", tried.data);
-    else
-      crimage_error_wrap(err, "pulling %s", refstr ? refstr : "image");
+  if (r < 0)
     return r;
-  }
   *ret = res;
   return 0;
 }

@@ -23,6 +23,9 @@ typedef struct registry_host {
   bool insecure; /* plain HTTP */
   registry_mirror *mirrors;
   size_t n_mirrors;
+  /* Served by its mirrors only, the registry itself is never asked (containerd's hosts.toml with a mirror as its
+   * `server`): an air-gapped node. */
+  bool mirrors_only;
 } registry_host;
 
 typedef struct puller_options {

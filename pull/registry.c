@@ -839,7 +839,8 @@ static int transfer_error(registry_repo *r, const char *what, xfer_ctx *ctx, CUR
   cleanup_json json_object *root = NULL;
   if (ctx->errbody.len > 0) {
     cleanup_error crimage_error *jerr = NULL;
-    if (json_parse(ctx->errbody.data, ctx->errbody.len, "registry error", &root, &jerr) == 0) {
+    if (json_parse(ctx->errbody.data, ctx->errbody.len, "registry error", REGISTRY_ERROR_JSON_LIMITS, &root,
+                   &jerr) == 0) {
       json_object *errors = json_get_array(root, "errors");
       json_object *e0 = errors && json_object_array_length(errors) > 0 ? json_object_array_get_idx(errors, 0) : NULL;
       code = json_get_string(e0, "code");
@@ -1069,7 +1070,7 @@ static int fetch_token(registry_repo *r, const auth_challenge *ch, bool use_cach
   }
   {
     cleanup_json json_object *root = NULL;
-    ret = json_parse(body.data ? body.data : "", body.len, "token response", &root, err);
+    ret = json_parse(body.data ? body.data : "", body.len, "token response", REGISTRY_TOKEN_JSON_LIMITS, &root, err);
     if (ret < 0) {
       crimage_error_wrap(err, "registry %s: %s", r->host, what);
       goto out;

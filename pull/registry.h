@@ -17,6 +17,9 @@
 #define REGISTRY_MAX_HEADER_BYTES (64 * 1024) /* all response headers of one response */
 #define REGISTRY_MAX_TOKEN_BODY (1024 * 1024)
 #define REGISTRY_MAX_ERROR_BODY (64 * 1024)
+/* The shapes of those bodies (json_limits): flat objects of a few fields; a token response holds a secret. */
+#define REGISTRY_TOKEN_JSON_LIMITS JSON_LIMITS_QUIET(4u << 20, 1000)
+#define REGISTRY_ERROR_JSON_LIMITS JSON_LIMITS(1u << 20, 1000)
 #define REGISTRY_MAX_CHALLENGES 16
 #define REGISTRY_MAX_CHALLENGE_PARAMS 32
 #define REGISTRY_MAX_RETRIES 3                 /* for 429 and 5xx answers */

@@ -22,7 +22,12 @@
 #include "pull/store.h"
 #include "pull/unpack.h"
 
-#define INDEX_MAX_SIZE ((size_t) 64 << 20)
+/* index.json is read whole and parsed into a tree before its entries are checked: its text and the tree are bounded
+ * (json_limits) so that opening a store costs at most about 64 MiB. A descriptor (one name of an image) takes about
+ * 1.5 KiB of text and 7 KiB of tree, so the limits hold about 7000 names; index_write refuses an index that would
+ * not load again. */
+#define INDEX_MAX_SIZE ((size_t) 16 << 20)
+#define INDEX_JSON_LIMITS JSON_LIMITS(48u << 20, 65536)
 #define RECORD_MAX_LAYERS 4096
 #define NAME_MAX_LEN 4096
 #define TAG_MAX_LEN 128
@@ -77,9 +82,19 @@ struct store {
   /* Guards recs for readers; a writer holds it exclusively only to swap in the new set, never across disk I/O. */
   pthread_rwlock_t lock;
   record_set recs;
-  /* Pulls in progress (store_hold) and the blobs whose deletion waits for them; both guarded by write_lock. */
+  /* Pulls in progress (store_hold) with what each relies on, and the blobs whose deletion waits for them; guarded
+   * by write_lock. */
   unsigned holds;
+  store_holder *holders;
   char **deferred_gc;
+  /* How long and how much unreferenced content is kept (store_options). */
+  int64_t retention_ms;
+  uint64_t unreferenced_max;
+  /* The sweeper thread (store_start_sweeper); sweep_lock guards the flags. */
+  pthread_mutex_t sweep_lock;
+  pthread_cond_t sweep_cond; /* on CLOCK_MONOTONIC */
+  pthread_t sweeper;
+  bool sweeper_started, sweeper_stop, sweep_kicked;
   char *layers_dir; /* <root>/layers/sha256 */
   store_layer_keeper_fn keeper;
   void *keeper_userdata;
@@ -93,6 +108,12 @@ typedef struct layer_usage {
   char *diff_id;
   uint64_t bytes, inodes;
 } layer_usage;
+
+struct store_holder {
+  store_holder *next;
+  store *s;
+  char **pins; /* digests the sweep leaves alone; NULL-terminated or NULL */
+};
 
 struct store_ingest {
   store *s;
@@ -581,8 +602,10 @@ void store_ingest_abort(store_ingest *in, bool keep_partial)
 {
   if (!in)
     return;
-  if (!keep_partial)
-    unlink(in->path); /* still under our lock: nobody else is using this file */
+  /* An empty partial resumes nothing (a blob that always fails would leave one). Still under our lock: nobody else
+   * is using this file. */
+  if (!keep_partial || in->offset == 0)
+    unlink(in->path);
   ingest_free(in);
 }
 
@@ -682,9 +705,11 @@ static int index_write(store *s, const record_set *set, crimage_error **err)
   size_t len = 0;
   const char *text = json_object_to_json_string_length(idx, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE,
                                                        &len);
-  if (len > INDEX_MAX_SIZE)
-    return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, EFBIG, "index.json would exceed %zu bytes",
-                             INDEX_MAX_SIZE);
+  cleanup_error crimage_error *lerr = NULL;
+  if (len > INDEX_MAX_SIZE || json_check_limits(text, len, "index.json", INDEX_JSON_LIMITS, &lerr) < 0)
+    return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, EFBIG,
+                             "the image index would be too large to load again (%zu names of images)",
+                             json_object_array_length(manifests));
   int r = write_file_atomic(s->index_path, text, len, 0644, err);
   if (r < 0)
     return crimage_error_wrap(err, "updating the image index");
@@ -879,7 +904,10 @@ static int index_load(store *s, bool *ret_dirty, crimage_error **err)
   cleanup_json json_object *idx = NULL;
   cleanup_error crimage_error *perr = NULL;
   /* Any bytes: an entry whose strings are not UTF-8 is dropped on its own below, the others load. */
-  r = json_parse_any_bytes(data, len, "index.json", &idx, &perr);
+  r = json_parse_any_bytes(data, len, "index.json", INDEX_JSON_LIMITS, &idx, &perr);
+  if (r == -E2BIG)
+    return crimage_error_set(err, CRIMAGE_RESOURCE_EXHAUSTED, E2BIG, "`%s` holds more than a store may (%s)",
+                             s->index_path, perr->message);
   if (r < 0)
     return crimage_error_set(err, CRIMAGE_DATA_LOSS, 0, "`%s` is corrupt (%s); move it aside to start empty",
                              s->index_path, perr ? perr->message : "parse error");
@@ -981,22 +1009,68 @@ static void gc_or_defer(store *s, char *const *candidates)
     strv_add_unique(&s->deferred_gc, candidates[i]);
 }
 
-void store_hold(store *s)
+static void sweep_kick(store *s);
+
+store_holder *store_hold(store *s)
 {
+  store_holder *h = xcalloc(1, sizeof(*h));
+  h->s = s;
   pthread_mutex_lock(&s->write_lock);
   s->holds++;
+  h->next = s->holders;
+  s->holders = h;
   pthread_mutex_unlock(&s->write_lock);
+  return h;
 }
 
-void store_release(store *s)
+void store_release(store_holder *h)
 {
+  if (!h)
+    return;
+  store *s = h->s;
   pthread_mutex_lock(&s->write_lock);
+  for (store_holder **hp = &s->holders; *hp; hp = &(*hp)->next)
+    if (*hp == h) {
+      *hp = h->next;
+      break;
+    }
   if (s->holds > 0 && --s->holds == 0 && s->deferred_gc) {
     gc_candidates(s, &s->recs, s->deferred_gc);
     strv_free(s->deferred_gc);
     s->deferred_gc = NULL;
   }
   pthread_mutex_unlock(&s->write_lock);
+  strv_free(h->pins);
+  free(h);
+  /* What a failed pull left is now unreferenced and unpinned: the size limit applies to it soon. */
+  sweep_kick(s);
+}
+
+void store_pin(store_holder *h, const char *digest)
+{
+  if (!h || !digest_valid(digest))
+    return;
+  store *s = h->s;
+  pthread_mutex_lock(&s->write_lock);
+  strv_add_unique(&h->pins, digest);
+  /* Its retention starts again: a pull retried within it keeps what its earlier tries brought. A blob's clock is
+   * its mtime; an unpacked layer's is its ctime (its mtime is the layer's own, from the tar), which a chown to the
+   * same owner moves. Under write_lock, so the sweep sees either the old time and no pin, or both new. */
+  cleanup_free char *path = blob_path(s, digest);
+  (void) utimensat(AT_FDCWD, path, NULL, AT_SYMLINK_NOFOLLOW);
+  cleanup_free char *dir = store_layer_path(s, digest);
+  if (dir)
+    (void) fchownat(AT_FDCWD, dir, (uid_t) -1, (gid_t) -1, AT_SYMLINK_NOFOLLOW);
+  pthread_mutex_unlock(&s->write_lock);
+}
+
+/* Called with write_lock held. */
+static bool pinned(const store *s, const char *digest)
+{
+  for (const store_holder *h = s->holders; h; h = h->next)
+    if (h->pins && strv_contains(h->pins, digest))
+      return true;
+  return false;
 }
 
 static char **record_blobs(const record *r)
@@ -1009,67 +1083,299 @@ static char **record_blobs(const record *r)
   return v;
 }
 
-/* At open nothing is being pulled yet, so every blob no record references is garbage: left by a failed pull, a
- * crash between committing blobs and recording the image, or a removal interrupted before its GC. */
-static void sweep_unreferenced(store *s)
+/* ---- the sweep of unreferenced content ---- */
+
+typedef enum leftover_kind {
+  LEFTOVER_BLOB,
+  LEFTOVER_INGEST,
+  LEFTOVER_LAYER,
+} leftover_kind;
+
+/* Something on disk that no record references, found by a sweep. */
+typedef struct leftover {
+  leftover_kind kind;
+  char *digest;   /* the blob's, the partial's or the layer's diff_id; NULL for a file whose name is none */
+  char *path;
+  int64_t used_ns; /* last written or used by a pull */
+  uint64_t bytes;
+} leftover;
+
+typedef struct leftovers {
+  leftover *v;
+  size_t n;
+} leftovers;
+
+static void leftovers_clear(leftovers *l)
+{
+  for (size_t i = 0; i < l->n; i++) {
+    free(l->v[i].digest);
+    free(l->v[i].path);
+  }
+  free(l->v);
+  *l = (leftovers){0};
+}
+static void leftovers_clearp(leftovers *l) { leftovers_clear(l); }
+
+static void leftovers_add(leftovers *l, leftover_kind kind, char *digest, char *path, int64_t used_ns, uint64_t bytes)
+{
+  l->v = xrealloc(l->v, (l->n + 1) * sizeof(*l->v));
+  l->v[l->n++] = (leftover){.kind = kind, .digest = digest, .path = path, .used_ns = used_ns, .bytes = bytes};
+}
+
+static int64_t timespec_ns(struct timespec ts) { return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec; }
+
+/* The usage of the layer directory of diff_id, measured once and remembered (as ImageFsInfo does). */
+static uint64_t layer_bytes(store *s, const char *diff_id, const char *dir)
+{
+  pthread_mutex_lock(&s->usage_lock);
+  for (layer_usage *u = s->usage; u; u = u->next)
+    if (streq(u->diff_id, diff_id)) {
+      uint64_t b = u->bytes;
+      pthread_mutex_unlock(&s->usage_lock);
+      return b;
+    }
+  pthread_mutex_unlock(&s->usage_lock);
+  uint64_t bytes = 0, inodes = 0;
+  cleanup_error crimage_error *e = NULL;
+  if (unpack_dir_usage(dir, &bytes, &inodes, &e) < 0)
+    return 0;
+  layer_usage *u = xcalloc(1, sizeof(*u));
+  u->diff_id = xstrdup(diff_id);
+  u->bytes = bytes;
+  u->inodes = inodes;
+  pthread_mutex_lock(&s->usage_lock);
+  u->next = s->usage;
+  s->usage = u;
+  pthread_mutex_unlock(&s->usage_lock);
+  return bytes;
+}
+
+/* Lists, without the write lock (it is checked again under it), what might be unreferenced: every blob, partial
+ * ingest and (with layers) unpacked layer. */
+static void leftovers_scan(store *s, bool layers, leftovers *out)
 {
   static const char *const algos[] = {"sha256", "sha512"};
-  size_t deleted = 0;
   for (size_t a = 0; a < ARRAY_SIZE(algos); a++) {
     cleanup_free char *dir = xasprintf("%s/blobs/%s", s->root, algos[a]);
     DIR *d = opendir(dir);
-    if (!d)
-      continue;
     struct dirent *de;
-    while ((de = readdir(d))) {
-      if (de->d_name[0] == '.')
+    while (d && (de = readdir(d))) {
+      struct stat st;
+      if (de->d_name[0] == '.' || fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         continue;
-      cleanup_free char *digest = xasprintf("%s:%s", algos[a], de->d_name);
-      if (digest_valid(digest) && record_set_references(&s->recs, digest))
-        continue;
-      log_debug("deleting unreferenced blob %s", digest);
-      if (unlinkat(dirfd(d), de->d_name, 0) < 0) {
-        if (errno != ENOENT)
-          log_warn("cannot delete `%s/%s`: %s", dir, de->d_name, strerror(errno));
-      } else {
-        deleted++;
-      }
+      char *digest = xasprintf("%s:%s", algos[a], de->d_name);
+      if (!digest_valid(digest))
+        free(TAKE_PTR(digest)); /* not a blob at all: garbage of any age */
+      leftovers_add(out, LEFTOVER_BLOB, digest, xasprintf("%s/%s", dir, de->d_name), timespec_ns(st.st_mtim),
+                    (uint64_t) st.st_blocks * 512);
     }
-    closedir(d);
+    if (d)
+      closedir(d);
   }
-  if (deleted > 0)
-    log_info("deleted %zu blobs no image references", deleted);
-
-  /* Unpacks a crash interrupted left temporary directories; unreferenced layers wait for store_sweep_layers,
-   * which knows what else uses them. */
-  cleanup_error crimage_error *e = NULL;
-  if (unpack_remove_stale(s->layers_dir, &e) < 0)
-    log_warn("%s", e->message);
-}
-
-void store_sweep_layers(store *s)
-{
-  pthread_mutex_lock(&s->write_lock);
-  DIR *d = s->holds == 0 ? opendir(s->layers_dir) : NULL;
-  size_t deleted = 0;
+  DIR *d = opendir(s->ingest_dir);
   struct dirent *de;
   while (d && (de = readdir(d))) {
-    if (de->d_name[0] == '.')
+    struct stat st;
+    if (de->d_name[0] == '.' || fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode))
       continue;
-    cleanup_free char *diff_id = xasprintf("sha256:%s", de->d_name);
-    if (!digest_valid(diff_id) || record_set_references(&s->recs, diff_id))
-      continue;
-    cleanup_free char *dir = store_layer_path(s, diff_id);
-    bool existed = access(dir, F_OK) == 0;
-    layer_delete(s, diff_id);
-    if (existed && access(dir, F_OK) < 0)
-      deleted++;
+    char *digest = xstrdup(de->d_name);
+    char *dash = strchr(digest, '-');
+    if (dash)
+      *dash = ':';
+    if (!dash || !digest_valid(digest))
+      continue; /* remove_leftovers deals with those at open */
+    /* An empty partial has nothing to resume: it counts as used long ago. */
+    leftovers_add(out, LEFTOVER_INGEST, digest, xasprintf("%s/%s", s->ingest_dir, de->d_name),
+                  st.st_size == 0 ? 0 : timespec_ns(st.st_mtim), (uint64_t) st.st_blocks * 512);
   }
   if (d)
     closedir(d);
+  d = layers ? opendir(s->layers_dir) : NULL;
+  while (d && (de = readdir(d))) {
+    struct stat st;
+    if (de->d_name[0] == '.' || fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISDIR(st.st_mode))
+      continue; /* an unpack in progress, or a stale one (unpack_remove_stale) */
+    char *diff_id = xasprintf("sha256:%s", de->d_name);
+    if (!digest_valid(diff_id)) {
+      free(diff_id);
+      continue;
+    }
+    char *dir = xasprintf("%s/%s", s->layers_dir, de->d_name);
+    leftovers_add(out, LEFTOVER_LAYER, diff_id, dir, timespec_ns(st.st_ctim), layer_bytes(s, diff_id, dir));
+  }
+  if (d)
+    closedir(d);
+}
+
+/* Whether a leftover is still one: no record references it, no holder pinned it, no deferred removal waits for it,
+ * no keeper uses it, and for a partial no writer holds it. Called with write_lock held. */
+static bool leftover_unused(store *s, const leftover *l)
+{
+  if (!l->digest)
+    return true;
+  if (record_set_references(&s->recs, l->digest) || pinned(s, l->digest) ||
+      (s->deferred_gc && strv_contains(s->deferred_gc, l->digest)))
+    return false;
+  if (l->kind == LEFTOVER_LAYER && s->keeper && s->keeper(s->keeper_userdata, l->path))
+    return false;
+  return true;
+}
+
+/* Deletes one leftover; true when it is gone. Called with write_lock held. */
+static bool leftover_delete(store *s, const leftover *l)
+{
+  switch (l->kind) {
+  case LEFTOVER_BLOB:
+    if (unlink(l->path) < 0 && errno != ENOENT) {
+      log_warn("cannot delete `%s`: %s", l->path, strerror(errno));
+      return false;
+    }
+    return true;
+  case LEFTOVER_INGEST: {
+    /* A writer holds its partial's lock for as long as it writes; one that takes it after us finds the file gone
+     * (store_ingest_begin checks the path still names what it locked) and starts a new one. */
+    cleanup_close int fd = open(l->path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    struct stat a, b;
+    if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) < 0 || fstat(fd, &a) < 0 || stat(l->path, &b) < 0 ||
+        a.st_ino != b.st_ino || a.st_dev != b.st_dev)
+      return false;
+    return unlink(l->path) == 0;
+  }
+  case LEFTOVER_LAYER:
+    layer_delete(s, l->digest);
+    return access(l->path, F_OK) < 0;
+  }
+  return false;
+}
+
+static int leftover_by_age(const void *a, const void *b)
+{
+  const leftover *x = a, *y = b;
+  return x->used_ns < y->used_ns ? -1 : x->used_ns > y->used_ns;
+}
+
+/* One sweep: what is unused and older than the retention goes, then the oldest of the rest until what is left fits
+ * in the size limit. layers: the unpacked layers too (once the keeper is known). */
+static void sweep(store *s, bool layers)
+{
+  _cleanup_(leftovers_clearp) leftovers found = {0};
+  leftovers_scan(s, layers, &found);
+  pthread_mutex_lock(&s->write_lock);
+  int64_t now = now_realtime_ns();
+  size_t n_deleted = 0, n_kept = 0;
+  uint64_t deleted_bytes = 0, kept_bytes = 0;
+  leftovers keep = {0};
+  for (size_t i = 0; i < found.n; i++) {
+    leftover *l = &found.v[i];
+    if (!leftover_unused(s, l))
+      continue;
+    /* An age beyond the retention ends it; so does a time as far in the future (a clock set back by more than
+     * that), so that nothing is kept for longer than twice the retention. */
+    int64_t age_ms = (now - l->used_ns) / 1000000;
+    if (l->digest && age_ms > -s->retention_ms && age_ms < s->retention_ms) {
+      keep.v = xrealloc(keep.v, (keep.n + 1) * sizeof(*keep.v));
+      keep.v[keep.n++] = *l;
+      kept_bytes += l->bytes;
+      continue;
+    }
+    if (leftover_delete(s, l)) {
+      log_debug("deleted unreferenced %s (unused for %" PRId64 " s)", l->path, age_ms / 1000);
+      n_deleted++;
+      deleted_bytes += l->bytes;
+    }
+  }
+  /* The oldest first, until the rest fits. */
+  qsort(keep.v, keep.n, sizeof(*keep.v), leftover_by_age);
+  for (size_t i = 0; i < keep.n; i++) {
+    if (kept_bytes <= s->unreferenced_max) {
+      n_kept++;
+      continue;
+    }
+    if (leftover_delete(s, &keep.v[i])) {
+      log_debug("deleted unreferenced %s (over the limit of %" PRIu64 " bytes)", keep.v[i].path, s->unreferenced_max);
+      n_deleted++;
+      deleted_bytes += keep.v[i].bytes;
+      kept_bytes -= keep.v[i].bytes;
+    } else {
+      n_kept++;
+    }
+  }
+  free(keep.v); /* its entries belong to found */
   pthread_mutex_unlock(&s->write_lock);
-  if (deleted > 0)
-    log_info("deleted %zu unpacked layers no image references", deleted);
+  if (n_deleted > 0)
+    log_info("deleted %zu unreferenced blobs, partial downloads or layers (%" PRIu64 " KiB); kept %zu (%" PRIu64
+             " KiB) for the pulls that may resume them",
+             n_deleted, deleted_bytes / 1024, n_kept, kept_bytes / 1024);
+}
+
+void store_sweep(store *s) { sweep(s, true); }
+
+static void sweep_kick(store *s)
+{
+  pthread_mutex_lock(&s->sweep_lock);
+  s->sweep_kicked = true;
+  pthread_cond_signal(&s->sweep_cond);
+  pthread_mutex_unlock(&s->sweep_lock);
+}
+
+static struct timespec monotonic_after(int64_t ms)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  ts.tv_sec += ms / 1000;
+  ts.tv_nsec += (ms % 1000) * 1000000;
+  if (ts.tv_nsec >= 1000000000) {
+    ts.tv_sec++;
+    ts.tv_nsec -= 1000000000;
+  }
+  return ts;
+}
+
+/* Sweeps every interval, and when kicked (a hold released), but at most once a second: a burst of pulls ending
+ * costs one sweep. */
+static void *sweeper_main(void *arg)
+{
+  store *s = arg;
+  /* Keeping nothing, a release's kick is all it takes (every write happens under a hold). */
+  int64_t interval = s->retention_ms > 0 ? s->retention_ms / 4 : 60 * 1000;
+  if (interval > 60 * 1000)
+    interval = 60 * 1000;
+  if (interval < 1000)
+    interval = 1000;
+  pthread_mutex_lock(&s->sweep_lock);
+  while (!s->sweeper_stop) {
+    struct timespec soonest = monotonic_after(1000), latest = monotonic_after(interval);
+    while (!s->sweeper_stop && pthread_cond_timedwait(&s->sweep_cond, &s->sweep_lock, &soonest) != ETIMEDOUT)
+      ;
+    while (!s->sweeper_stop && !s->sweep_kicked &&
+           pthread_cond_timedwait(&s->sweep_cond, &s->sweep_lock, &latest) != ETIMEDOUT)
+      ;
+    if (s->sweeper_stop)
+      break;
+    s->sweep_kicked = false;
+    pthread_mutex_unlock(&s->sweep_lock);
+    sweep(s, true);
+    pthread_mutex_lock(&s->sweep_lock);
+  }
+  pthread_mutex_unlock(&s->sweep_lock);
+  return NULL;
+}
+
+int store_start_sweeper(store *s, crimage_error **err)
+{
+  sweep(s, true);
+  pthread_mutex_lock(&s->sweep_lock);
+  if (s->sweeper_started) {
+    pthread_mutex_unlock(&s->sweep_lock);
+    return 0;
+  }
+  int r = pthread_create(&s->sweeper, NULL, sweeper_main, s);
+  if (r == 0)
+    s->sweeper_started = true;
+  pthread_mutex_unlock(&s->sweep_lock);
+  if (r != 0)
+    return crimage_error_set(err, CRIMAGE_INTERNAL, r, "starting the sweep of the store");
+  return 0;
 }
 
 /* Removes temporary files of interrupted atomic writes, and ingest files whose name is not a digest. */
@@ -1104,7 +1410,9 @@ static void remove_leftovers(store *s)
 
 /* ---- open/close ---- */
 
-int store_open(const char *root, store **ret, crimage_error **err)
+int store_open(const char *root, store **ret, crimage_error **err) { return store_open_opts(root, NULL, ret, err); }
+
+int store_open_opts(const char *root, const store_options *opts, store **ret, crimage_error **err)
 {
   if (str_empty(root))
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "empty store root");
@@ -1123,6 +1431,14 @@ int store_open(const char *root, store **ret, crimage_error **err)
   pthread_mutex_init(&s->write_lock, NULL);
   pthread_mutex_init(&s->usage_lock, NULL);
   pthread_rwlock_init(&s->lock, NULL);
+  pthread_mutex_init(&s->sweep_lock, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&s->sweep_cond, &ca);
+  pthread_condattr_destroy(&ca);
+  s->retention_ms = opts ? opts->unreferenced_retention_ms : STORE_DEFAULT_RETENTION_MS;
+  s->unreferenced_max = opts ? opts->unreferenced_max_bytes : STORE_DEFAULT_UNREFERENCED_MAX_BYTES;
 
   cleanup_free char *sha256_dir = xasprintf("%s/blobs/sha256", real);
   cleanup_free char *layout = xasprintf("%s/oci-layout", real);
@@ -1146,7 +1462,13 @@ int store_open(const char *root, store **ret, crimage_error **err)
     store_close(s);
     return crimage_error_wrap(err, "opening the store at `%s`", root);
   }
-  sweep_unreferenced(s);
+  /* Nothing is being pulled yet. What no record references was left by a failed or interrupted pull, by a crash
+   * between committing blobs and recording the image, or by a removal interrupted before its GC: kept within the
+   * retention for a pull to resume; the unpacked layers wait for store_sweep, which knows what else uses them. */
+  sweep(s, false);
+  cleanup_error crimage_error *e = NULL;
+  if (unpack_remove_stale(s->layers_dir, &e) < 0)
+    log_warn("%s", e->message);
   log_debug("store at %s: %zu image records", real, s->recs.n);
   *ret = s;
   return 0;
@@ -1156,6 +1478,21 @@ void store_close(store *s)
 {
   if (!s)
     return;
+  pthread_mutex_lock(&s->sweep_lock);
+  bool started = s->sweeper_started;
+  s->sweeper_stop = true;
+  pthread_cond_signal(&s->sweep_cond);
+  pthread_mutex_unlock(&s->sweep_lock);
+  if (started)
+    pthread_join(s->sweeper, NULL);
+  pthread_cond_destroy(&s->sweep_cond);
+  pthread_mutex_destroy(&s->sweep_lock);
+  while (s->holders) {
+    store_holder *h = s->holders; /* a holder not released (a bug elsewhere): forgotten with the store */
+    s->holders = h->next;
+    strv_free(h->pins);
+    free(h);
+  }
   record_set_clear(&s->recs);
   strv_free(s->deferred_gc);
   while (s->usage) {

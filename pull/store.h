@@ -41,8 +41,21 @@ static inline void store_image_freep(store_image **img) { store_image_free(*img)
 #define cleanup_store_image __attribute__((cleanup(store_image_freep)))
 void store_image_list_free(store_image **list, size_t n);
 
+/* What the store keeps that no image references: the blobs a pull committed before it failed (or was interrupted),
+ * its partial downloads in ingest/ and its unpacked layers, so that the next try resumes instead of downloading
+ * again. Each is kept for retention after it was last written or used by a pull, and all of them together up to
+ * max_bytes (the oldest go first); then the sweep of the store deletes them, without a restart. */
+typedef struct store_options {
+  int64_t unreferenced_retention_ms; /* 0 = none kept */
+  uint64_t unreferenced_max_bytes;   /* 0 = none kept */
+} store_options;
+#define STORE_DEFAULT_RETENTION_MS ((int64_t) 60 * 60 * 1000)  /* 1h */
+#define STORE_DEFAULT_UNREFERENCED_MAX_BYTES ((uint64_t) 4 << 30) /* 4 GiB */
+
 /* Opens (creating if needed) the store at root and loads index.json. Leftover temporary files from a crash are
- * removed; partial ingests are kept for resumption. */
+ * removed; unreferenced content is swept as store_options says (the unpacked layers wait for store_sweep, which
+ * knows the keeper). opts NULL: the defaults above. */
+int store_open_opts(const char *root, const store_options *opts, store **ret, crimage_error **err);
 int store_open(const char *root, store **ret, crimage_error **err);
 void store_close(store *s);
 const char *store_root(const store *s);
@@ -79,7 +92,8 @@ int store_ingest_replay(store_ingest *in, store_ingest_replay_fn fn, void *userd
 /* Checks size and digest, fsyncs and renames into blobs/. On mismatch the partial file is deleted and the error is
  * DATA_LOSS. Frees the ingest either way. */
 int store_ingest_commit(store_ingest *in, crimage_error **err);
-/* Stops; keep_partial keeps the bytes for a later resume. Frees the ingest. */
+/* Stops; keep_partial keeps the bytes for a later resume (an empty file is removed all the same). Frees the
+ * ingest. */
 void store_ingest_abort(store_ingest *in, bool keep_partial);
 
 /* ---- image records ---- */
@@ -133,16 +147,28 @@ bool store_layer_exists(store *s, const char *diff_id);
  * into the store. */
 typedef bool (*store_layer_keeper_fn)(void *userdata, const char *dir);
 void store_set_layer_keeper(store *s, store_layer_keeper_fn fn, void *userdata);
-/* Deletes the unpacked layers no record lists and no keeper uses (left by a crash between unpacking and recording,
- * or by a removal while a keeper still used them). Call it once the keeper is set. */
-void store_sweep_layers(store *s);
 
 /* A pull holds the store from before it checks which blobs are present until it has recorded the image (or
  * failed). While any hold is active the blob deletions of store_remove_image (and of a re-record) are deferred to
  * the release of the last hold, so a concurrent removal never deletes a shared layer a pull has just decided not to
- * download. Holds nest and count; every store_hold needs one store_release. */
-void store_hold(store *s);
-void store_release(store *s);
+ * download. Holds nest and count; every store_hold needs one store_release of what it returned. */
+typedef struct store_holder store_holder;
+store_holder *store_hold(store *s);
+void store_release(store_holder *h); /* NULL is fine */
+/* The holder relies on digest (a blob, a partial download, or the unpacked layer of a diff_id): the sweep of
+ * unreferenced content leaves it alone while h is held, and its retention starts again. Pin before looking at
+ * whether it is there. */
+void store_pin(store_holder *h, const char *digest);
+
+/* One sweep of unreferenced content (see store_options): blobs no record references, partial ingests no writer
+ * holds (an empty one at once), unpacked layers no record lists and no keeper uses (left by a crash between
+ * unpacking and recording, or by a removal while a keeper still used them), unless a holder pinned them or a
+ * deferred removal waits for them. Content pinned by running pulls does not count against the size limit. Call it
+ * once the keeper is set. */
+void store_sweep(store *s);
+/* Sweeps now, then on a thread of the store until store_close: every minute (or a quarter of the retention, at
+ * least every second) and soon after a hold is released, at most once a second. Call it once the keeper is set. */
+int store_start_sweeper(store *s, crimage_error **err);
 
 /* Usage of the store: bytes and inodes used under root, and the mount point that holds root. */
 typedef struct store_usage {

@@ -420,10 +420,10 @@ int publisher_publish(publisher *p, store *st, const store_image *img, const pub
   key_lock(p, key);
   rpc_client_wait_ready(p->rpc, CONNECT_WAIT_MS);
   /* crimage's own removals wait until the blobs are in containerd. */
-  store_hold(st);
+  store_holder *hold = store_hold(st);
   int64_t start = now_monotonic_ms();
   int r = publish_locked(p, st, img, dest, err);
-  store_release(st);
+  store_release(hold);
   key_unlock(p, key);
   if (r > 0)
     log_info("published %s for handler \"%s\" to containerd (namespace %s) in %" PRId64 " ms", img->id,

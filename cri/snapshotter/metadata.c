@@ -14,6 +14,10 @@
 #include "common/util.h"
 #include "cri/snapshotter/internal.h"
 
+/* What the tree of metadata.json may cost: the file is the snapshotter's own, bounded at SNAP_MAX_METADATA bytes and
+ * SNAP_MAX_SNAPSHOTS entries; a snapshot with its labels takes a few KiB of tree. */
+#define SNAP_METADATA_JSON_LIMITS JSON_LIMITS((size_t) 512 << 20, SNAP_MAX_SNAPSHOTS)
+
 #define META_VERSION 1
 
 void snap_meta_clear(snap_meta *m)
@@ -246,7 +250,7 @@ int snap_meta_load(snap_meta *m, const char *path, crimage_error **err)
     return r;
   }
   cleanup_json json_object *root = NULL;
-  r = json_parse(data, len, path, &root, &rerr);
+  r = json_parse(data, len, path, SNAP_METADATA_JSON_LIMITS, &root, &rerr);
   if (r < 0) {
     /* Not the client's fault: the file is damaged. */
     crimage_error_set(err, CRIMAGE_DATA_LOSS, rerr->errnum, "snapshot metadata: %s", rerr->message);

@@ -173,6 +173,7 @@ class FaultProxy(ProxyServer):
     trickle_blob     digest: every GET of that blob sends `trickle_bytes` bytes per second
     manifest_errors  list of (status, headers): answered in turn to the first manifest GETs
     redirect_blobs   True: blob GETs get a 307 to http://localhost:<port>/redirected/... (another host name)
+    fail_blobs       {digest: status}: every GET of that blob is answered with that status (a blob that always fails)
 
     `requests` records every request: dict(method, path, range, auth (bool), kind).
     """
@@ -186,6 +187,7 @@ class FaultProxy(ProxyServer):
         self.trickle_bytes = 64
         self.manifest_errors = []
         self.redirect_blobs = False
+        self.fail_blobs = {}
         self.requests = []
         self.lock = threading.Lock()
         self._done = set()
@@ -244,6 +246,11 @@ class FaultProxy(ProxyServer):
                 body = json.dumps({"errors": [{"code": "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE",
                                                "message": "injected"}]}).encode()
                 return self._simple(h, status, list(headers) + [("Content-Type", "application/json")], body)
+        failing = self.fail_blobs.get(path.rsplit("/", 1)[-1]) if "/blobs/" in path else None
+        if failing:
+            self._record(h, f"fail{failing}")
+            body = json.dumps({"errors": [{"code": "BLOB_UNKNOWN", "message": "injected"}]}).encode()
+            return self._simple(h, failing, [("Content-Type", "application/json")], body)
         if "/blobs/" in path and self.redirect_blobs:
             self._record(h, "redirect")
             return self._simple(h, 307, [("Location", f"http://localhost:{self.port}/redirected{path}")])

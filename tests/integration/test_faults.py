@@ -1,12 +1,16 @@
 """Fault injection between crimaged and a real registry (registry_helpers.FaultProxy in front of the session's
 docker-registry): a connection dropped mid-blob, a corrupted byte, a trickling blob, 500 and 429 answers, blobs
-redirected to another host. Each case ends in recovery or in a clear error, with nothing corrupt in the store."""
+redirected to another host, a blob that always fails. Each case ends in recovery or in a clear error, with nothing
+corrupt in the store, and what a failed pull left kept for a retry only as long as its retention."""
 
+import os
+import signal
 import time
 
 import grpc
 import pytest
 
+from conftest import wait_for
 from registry_helpers import FaultProxy
 
 BACKOFF = {"pullBackoff": {"initial": "1s", "max": "1s"}}
@@ -144,3 +148,64 @@ def test_trickle_ends_with_throughput_error(daemon_factory, proxy, images):
     assert "slower than 1024 bytes/s over 2 s" in msg and layer.digest in msg, msg
     assert not d.has_blob(layer.digest)
     assert not d.corrupt_blobs()
+
+
+def used_bytes(client):
+    return client.fsinfo().image_filesystems[0].used_bytes.value
+
+
+def blob_gets(proxy, digest):
+    return [r for r in proxy.requests if r["method"] == "GET" and r["path"] == f"/v2/layers/blobs/{digest}"]
+
+
+def ingest_files(d):
+    return os.listdir(os.path.join(d.root, "ingest"))
+
+
+def test_failed_pull_leftovers_are_counted_then_reclaimed(daemon_factory, proxy, images):
+    """A pull failing on its last layer leaves the blobs it committed (counted by ImageFsInfo, kept for a retry) and no
+    empty partial of the blob that failed; once their retention has passed they are deleted with the daemon
+    running."""
+    img = images["layers"].image
+    last = img.layers[-1].digest
+    proxy.fail_blobs = {last: 404}
+    # one download at a time: the layers before the last are committed when it fails (in parallel, its failure
+    # would cancel them)
+    d = start(daemon_factory, proxy, unreferencedBlobRetention="3s", maxConcurrentDownloads=1)
+    before = used_bytes(d.client)
+    with pytest.raises(grpc.RpcError) as e:
+        d.client.pull(f"{proxy.host}/layers:v1")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+    committed = [img.id] + [layer.digest for layer in img.layers[:-1]]
+    assert all(d.has_blob(x) for x in committed)
+    assert not d.has_blob(last)
+    assert ingest_files(d) == []  # no empty partial of the blob that always fails
+    assert used_bytes(d.client) >= before + sum(layer.size for layer in img.layers[:-1])
+    assert d.client.list() == []
+    wait_for(lambda: not any(d.has_blob(x) for x in committed), 30, "leftovers reclaimed")
+    assert d.blob_files() == set()
+    assert used_bytes(d.client) < before + sum(layer.size for layer in img.layers[:-1])
+    with open(d.log) as f:
+        assert "unreferenced" in f.read()
+
+
+def test_restart_keeps_what_a_failed_pull_verified(daemon_factory, proxy, images):
+    """The layers a pull verified before it failed survive a restart (the start-up sweep deleted them), and the retry
+    after the restart downloads only what is missing."""
+    img = images["layers"].image
+    last = img.layers[-1].digest
+    proxy.fail_blobs = {last: 404}
+    d = start(daemon_factory, proxy, maxConcurrentDownloads=1)
+    with pytest.raises(grpc.RpcError):
+        d.client.pull(f"{proxy.host}/layers:v1")
+    d.proc.send_signal(signal.SIGKILL)  # as an interrupted pull's daemon would go
+    d.proc.wait(30)
+    d.stopped = True
+    proxy.fail_blobs = {}
+    d2 = start(daemon_factory, proxy, root=d.root)
+    assert all(d2.has_blob(layer.digest) for layer in img.layers[:-1])
+    ref = d2.client.pull(f"{proxy.host}/layers:v1")
+    assert ref == img.id
+    for layer in img.layers[:-1]:
+        assert len(blob_gets(proxy, layer.digest)) == 1, layer.digest
+    assert not d2.corrupt_blobs()

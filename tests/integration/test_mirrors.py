@@ -115,3 +115,62 @@ def test_error_names_stalled_mirror(daemon_factory, registry, images, stalled):
     # the daemon's log has the mirror's own reason
     with open(d.log) as f:
         assert f"registry {host}: manifest layers:no-such-tag: no progress for 1 s" in f.read()
+
+
+def closed_port_host():
+    """host:port of a local port nothing listens on: the upstream of the mirrors-only tests (never a public name)."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def mirrors_only(upstream, *endpoints, **extra):
+    return dict({"registries": {upstream: {"upstream": False,
+                                           "mirrors": [{"endpoint": e} for e in endpoints]}}}, **extra)
+
+
+def test_mirrors_only_serves_without_upstream(daemon_factory, images, mirror):
+    upstream = closed_port_host()
+    d = daemon_factory(mirrors_only(upstream, f"http://{mirror.host}"))
+    ref = d.client.pull(f"{upstream}/layers:v1")
+    assert ref == images["layers"].image.id
+    assert d.client.image(f"{upstream}/layers:v1") is not None
+    # what the mirror lacks is NOT_FOUND with the mirror's answer, and the upstream was never asked
+    with pytest.raises(grpc.RpcError) as e:
+        d.client.pull(f"{upstream}/layers:no-such-tag")
+    msg = e.value.details()
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, msg
+    assert f"registry {mirror.host}:" in msg and "MANIFEST_UNKNOWN" in msg, msg
+    assert "upstream" not in msg and f"registry {upstream}:" not in msg, msg
+    with open(d.log) as f:
+        assert f"registry {upstream}:" not in f.read()
+
+
+def test_mirrors_only_every_mirror_down(daemon_factory, images):
+    upstream = closed_port_host()
+    down1, down2 = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    d = daemon_factory(mirrors_only(upstream, down1, down2))
+    with pytest.raises(grpc.RpcError) as e:
+        d.client.pull(f"{upstream}/layers:v1")
+    msg = e.value.details()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, msg
+    assert f"every endpoint failed: mirror {down1}: UNAVAILABLE" in msg and f"; mirror {down2}: UNAVAILABLE" in msg, msg
+    assert "upstream" not in msg and f"registry {upstream}:" not in msg, msg
+
+
+def test_mirror_not_found_beats_unreachable_upstream(daemon_factory, images, mirror):
+    """With the upstream still configured but unreachable, the mirror's answer (the manifest is unknown) decides the
+    status, and each endpoint's result is named."""
+    upstream = closed_port_host()
+    d = daemon_factory({"registries": {upstream: {"insecure": True, "mirrors": [{"endpoint": f"http://{mirror.host}"}]}}})
+    with pytest.raises(grpc.RpcError) as e:
+        d.client.pull(f"{upstream}/layers:no-such-tag")
+    msg = e.value.details()
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, msg
+    assert f"mirror http://{mirror.host}: NOT_FOUND: registry {mirror.host}:" in msg and "MANIFEST_UNKNOWN" in msg, msg
+    assert f"; upstream {upstream}: UNAVAILABLE: registry {upstream}:" in msg, msg
+
+
+def test_mirrors_only_needs_a_mirror(daemon_factory):
+    upstream = closed_port_host()
+    with pytest.raises(RuntimeError) as e:
+        daemon_factory({"registries": {upstream: {"upstream": False}}})
+    assert f"registries.{upstream}: upstream: false needs at least one mirror" in str(e.value)

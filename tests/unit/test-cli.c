@@ -176,7 +176,7 @@ static json_object *roundtrip(json_object *o)
   fclose(f);
   json_object *parsed = NULL;
   crimage_error *err = NULL;
-  assert_int_equal(json_parse(out, len, "output", &parsed, &err), 0);
+  assert_int_equal(json_parse(out, len, "output", JSON_LIMITS(1u << 20, 1000), &parsed, &err), 0);
   assert_int_equal(out[len - 1], '\n');
   free(out);
   return parsed;

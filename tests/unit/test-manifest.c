@@ -9,6 +9,7 @@
 #include "common/dynbuf.h"
 #include "common/util.h"
 #include "pull/manifest.h"
+#include "peak-rss.h"
 
 #define D1 "sha256:1111111111111111111111111111111111111111111111111111111111111111"
 #define D2 "sha256:2222222222222222222222222222222222222222222222222222222222222222"
@@ -220,7 +221,8 @@ static void test_limits(void **state)
                   i ? "," : "");
   dynbuf_printf(&b, "]}");
   crimage_error *err = parse_err(b.data, NULL);
-  assert_non_null(strstr(err->message, "layers, more than the limit"));
+  /* refused by the scanner before json-c builds anything */
+  assert_non_null(strstr(err->message, "an array `layers` has more than 1000 elements"));
   crimage_error_free(err);
 
   /* too deep */
@@ -320,6 +322,114 @@ static void test_config_user(void **state)
   crimage_error_free(err);
 }
 
+typedef struct doc {
+  dynbuf b;
+  bool config;
+} doc;
+
+static int parse_doc(void *arg)
+{
+  doc *d = arg;
+  crimage_error *err = NULL;
+  int r;
+  if (d->config) {
+    char *user = NULL, **diff_ids = NULL;
+    r = image_config_parse(d->b.data, d->b.len, 0, 0, &user, &diff_ids, &err);
+    free(user);
+    strv_free(diff_ids);
+  } else {
+    manifest *m = NULL;
+    r = manifest_parse(d->b.data, d->b.len, NULL, &m, &err);
+    manifest_free(m);
+  }
+  crimage_error_free(err);
+  return r;
+}
+
+/* n copies of unit after head, then tail. */
+static void fill(doc *d, size_t max, const char *head, const char *unit, size_t n, const char *tail)
+{
+  dynbuf_init(&d->b, max);
+  assert_int_equal(dynbuf_append_str(&d->b, head), 0);
+  for (size_t i = 0; i < n; i++)
+    assert_int_equal(dynbuf_printf(&d->b, "%s%s", i ? "," : "", unit), 0);
+  assert_int_equal(dynbuf_append_str(&d->b, tail), 0);
+}
+
+/* Refused before json-c builds anything, at a small cost: a 3 MB manifest of a million empty layer objects (it
+ * took about 800 MB before), an index of a million entries, an 8 MiB config of empty objects (a correct digest made
+ * it accepted, at about 2.2 GB), and one whose lists stay short but whose tree would be large. */
+static void test_hostile_cost(void **state)
+{
+  struct {
+    const char *head, *unit, *tail;
+    size_t n;
+    bool config;
+    const char *why;
+  } cases[] = {
+      {"{\"schemaVersion\":2,\"mediaType\":\"" MEDIA_TYPE_OCI_MANIFEST "\",\"config\":{\"mediaType\":\""
+       MEDIA_TYPE_OCI_CONFIG "\",\"digest\":\"" D1 "\",\"size\":1},\"layers\":[", "{}", "]}", 1000000, false,
+       "an array `layers` has more than 1000 elements"},
+      {"{\"schemaVersion\":2,\"mediaType\":\"" MEDIA_TYPE_OCI_INDEX "\",\"manifests\":[", "{}", "]}", 1000000, false,
+       "an array `manifests` has more than 1000 elements"},
+      {"{\"architecture\":\"amd64\",\"os\":\"linux\",\"junk\":[", "{}", "]}", (IMAGE_CONFIG_MAX_SIZE - 100) / 3,
+       true, "an array `junk` has more than 10000 elements"},
+      {"{\"architecture\":\"amd64\",\"os\":\"linux\",\"junk\":[", "[{},{},{},{},{},{},{},{},{},{}]", "]}",
+       (IMAGE_CONFIG_MAX_SIZE - 100) / 32, true, "too many values"},
+      {"{\"schemaVersion\":2,\"x\":[",
+       "[{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}]", "]}", 1000,
+       false, "too many values"},
+  };
+  for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+    doc d = {.config = cases[i].config};
+    fill(&d, 16u << 20, cases[i].head, cases[i].unit, cases[i].n, cases[i].tail);
+    assert_true(d.b.len <= (d.config ? IMAGE_CONFIG_MAX_SIZE : MANIFEST_MAX_SIZE));
+    int r = 0;
+    long kib = test_peak_rss_kib(parse_doc, &d, &r);
+    assert_true(kib >= 0);
+    assert_true(r < 0);
+    if (kib > 8 * 1024)
+      fail_msg("case %zu (%zu bytes): refusing it took %ld KiB", i, d.b.len, kib);
+    crimage_error *err = NULL;
+    manifest *m = NULL;
+    char *user = NULL, **diff_ids = NULL;
+    if (d.config)
+      assert_true(image_config_parse(d.b.data, d.b.len, 0, 0, &user, &diff_ids, &err) < 0);
+    else
+      assert_true(manifest_parse(d.b.data, d.b.len, NULL, &m, &err) < 0);
+    if (!strstr(err->message, cases[i].why))
+      fail_msg("case %zu: \"%s\" does not say \"%s\"", i, err->message, cases[i].why);
+    crimage_error_free(err);
+    dynbuf_free(&d.b);
+  }
+
+  /* Within the limits, the costliest config (about 24 MiB estimated: a text padded to 32 bytes of tree per byte)
+   * stays below 64 MiB; the size of a config is checked before anything else. */
+  doc d = {.config = true};
+  size_t pad = (24u << 20) / 32;
+  cleanup_free char *padding = xmalloc(pad + 1);
+  memset(padding, 'x', pad);
+  padding[pad] = '\0';
+  cleanup_free char *head = xasprintf("{\"architecture\":\"amd64\",\"os\":\"linux\",\"pad\":\"%s\",\"junk\":[", padding);
+  fill(&d, 16u << 20, head, "[{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}]",
+       950, "]}");
+  int r = -1;
+  long kib = test_peak_rss_kib(parse_doc, &d, &r);
+  assert_int_equal(r, 0);
+  if (tests_accurate_rss() && kib > 64 * 1024)
+    fail_msg("a config within the limits took %ld KiB", kib);
+  dynbuf_free(&d.b);
+  char *user = NULL, **diff_ids = NULL;
+  crimage_error *err = NULL;
+  cleanup_free char *big = xmalloc(IMAGE_CONFIG_MAX_SIZE + 1);
+  memset(big, ' ', IMAGE_CONFIG_MAX_SIZE + 1);
+  big[0] = '{';
+  big[IMAGE_CONFIG_MAX_SIZE] = '}';
+  assert_true(image_config_parse(big, IMAGE_CONFIG_MAX_SIZE + 1, 0, 0, &user, &diff_ids, &err) < 0);
+  assert_non_null(strstr(err->message, "exceeds the limit"));
+  crimage_error_free(err);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -328,6 +438,7 @@ int main(void)
       cmocka_unit_test(test_select_platform),     cmocka_unit_test(test_select_platform_none),
       cmocka_unit_test(test_bad_json),            cmocka_unit_test(test_limits),
       cmocka_unit_test(test_config_user),         cmocka_unit_test(test_image_size),
+      cmocka_unit_test(test_hostile_cost),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

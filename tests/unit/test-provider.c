@@ -258,7 +258,7 @@ static void test_request_env_args_and_matching(void **state)
 
   cleanup_free char *req = state_file(f, "image", "req");
   cleanup_json json_object *o = NULL;
-  assert_int_equal(json_parse(req, strlen(req), "req", &o, &err), 0);
+  assert_int_equal(json_parse(req, strlen(req), "req", JSON_LIMITS(1u << 20, 1000), &o, &err), 0);
   assert_string_equal(json_get_string(o, "apiVersion"), API);
   assert_string_equal(json_get_string(o, "kind"), "CredentialProviderRequest");
   assert_string_equal(json_get_string(o, "image"), "a.example.io/app");

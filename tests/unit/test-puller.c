@@ -50,6 +50,8 @@ static int group_setup(void **state)
       test_push_image(&f->reg, "lib/baddiff", "v1", "--layers 2 --bad-diff-id 1", "") < 0 ||
       test_push_image(&f->reg, "lib/members", "v1", "--layers 2 --layer-bytes 300000 --multi-member", "") < 0 ||
       test_push_image(&f->reg, "lib/shared", "v1", "--layers 3 --layer-bytes 3000000", "") < 0 ||
+      test_push_image(&f->reg, "lib/cfgarray", "v1", "--layers 1 --config-array", "") < 0 ||
+      test_push_image(&f->reg, "lib/cfgjunk", "v1", "--layers 1 --config-empty-objects 100000", "") < 0 ||
       test_fault_proxy_start(&f->reg, "dave", "pw", &f->fault) < 0)
     return -1;
   snprintf(f->store_dir, sizeof(f->store_dir), "/tmp/crimage-test-pull-XXXXXX");
@@ -571,8 +573,10 @@ static void test_pull_bearer(void **state)
   reference_free(ref);
 }
 
-/* Mirrors: a mirror that is down is skipped, the next one serves the image; with every endpoint down the error
- * names the mirrors tried. The image is recorded under the name asked for, not the mirror's. */
+/* Mirrors: a mirror that is down is skipped, the next one serves the image; when every endpoint failed the error
+ * names each one's result and takes the status of the most telling (the mirror that answered that the manifest is
+ * unknown, not the upstream that could not be reached). The image is recorded under the name asked for, not the
+ * mirror's. A registry served by its mirrors only is never asked itself. The upstream is a closed local port. */
 static void test_pull_mirrors(void **state)
 {
   fixture *f = *state;
@@ -605,15 +609,65 @@ static void test_pull_mirrors(void **state)
   pull_result_clear(&res);
   reference_free(ref);
 
-  /* nothing has it: the upstream's error, with the mirrors listed */
+  /* nothing has it: NOT_FOUND from the mirror that answered, every endpoint's result in the message */
   snprintf(full, sizeof(full), "%s/lib/absent:v1", upstream);
   assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
   req.ref = ref;
   assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_NOT_FOUND);
+  char want[256];
+  snprintf(want, sizeof(want), "every endpoint failed: mirror %s: UNAVAILABLE: ", dead_mirror);
+  assert_non_null(strstr(err->message, want));
+  snprintf(want, sizeof(want), "; mirror %s: NOT_FOUND: registry %s: ", good_mirror, f->reg.host);
+  assert_non_null(strstr(err->message, want));
+  assert_non_null(strstr(err->message, "MANIFEST_UNKNOWN"));
+  snprintf(want, sizeof(want), "; upstream %s: UNAVAILABLE: registry %s: ", upstream, upstream);
+  assert_non_null(strstr(err->message, want));
+  crimage_error_clear(&err);
+  reference_free(ref);
+  puller_free(p);
+
+  /* Mirrors only: the image comes from the mirror; what it lacks is NOT_FOUND with its answer alone; with the
+   * mirror down the error names it and nothing else was tried. */
+  registry_mirror good[1] = {{.endpoint = good_mirror}}, dead[1] = {{.endpoint = dead_mirror}};
+  registry_host only = {.host = upstream, .insecure = true, .mirrors = good, .n_mirrors = 1, .mirrors_only = true};
+  o.hosts = &only;
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+  snprintf(full, sizeof(full), "%s/lib/oci:v1", upstream);
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  req.ref = ref;
+  if (puller_pull(p, &req, &res, &err) < 0)
+    fail_msg("%s", err->message);
+  pull_result_clear(&res);
+  reference_free(ref);
+  snprintf(full, sizeof(full), "%s/lib/absent:v1", upstream);
+  assert_int_equal(reference_parse(full, NULL, &ref, &err), 0);
+  req.ref = ref;
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_NOT_FOUND);
+  snprintf(want, sizeof(want), "registry %s: ", f->reg.host);
+  assert_non_null(strstr(err->message, want));
+  assert_null(strstr(err->message, "upstream"));
+  snprintf(want, sizeof(want), "registry %s:", upstream);
+  assert_null(strstr(err->message, want));
+  crimage_error_clear(&err);
+  puller_free(p);
+  only.mirrors = dead;
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
   assert_int_equal(err->status, CRIMAGE_UNAVAILABLE);
-  assert_non_null(strstr(err->message, dead_mirror));
-  assert_non_null(strstr(err->message, good_mirror));
-  assert_non_null(strstr(err->message, upstream));
+  snprintf(want, sizeof(want), "registry 127.0.0.1:%s:", strrchr(dead_mirror, ':') + 1);
+  assert_non_null(strstr(err->message, want));
+  snprintf(want, sizeof(want), "registry %s:", upstream);
+  assert_null(strstr(err->message, want));
+  crimage_error_clear(&err);
+  puller_free(p);
+  /* and without any mirror there is nowhere to pull from */
+  only.n_mirrors = 0;
+  assert_int_equal(puller_new(f->store, &o, &p, &err), 0);
+  assert_true(puller_pull(p, &req, &res, &err) < 0);
+  assert_int_equal(err->status, CRIMAGE_FAILED_PRECONDITION);
+  assert_non_null(strstr(err->message, "served by its mirrors only"));
   crimage_error_clear(&err);
   reference_free(ref);
   puller_free(p);
@@ -847,6 +901,38 @@ static void test_pull_diff_id_mismatch(void **state)
   dynbuf_free(&data);
 }
 
+/* An image config is checked (its shape, and what parsing it costs) before it is stored: one that is a JSON array, or
+ * 300 KB of empty objects (100,000 of them: about 80 MB of tree; accepted before), never becomes a blob, and no
+ * layer is downloaded. */
+static void test_pull_bad_config_not_stored(void **state)
+{
+  fixture *f = *state;
+  const struct {
+    const char *name, *why;
+  } cases[] = {
+      {"lib/cfgarray", "image config is not a JSON object"},
+      {"lib/cfgjunk", "an array `junk` has more than 10000 elements"},
+  };
+  for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+    char image[64], config[80];
+    snprintf(image, sizeof(image), "%s:v1", cases[i].name);
+    assert_int_equal(test_remote_digest(&f->reg, cases[i].name, "v1", "--config --raw", config, sizeof(config)), 0);
+    pull_result res;
+    events ev = {0};
+    crimage_error *err = NULL;
+    assert_true(do_pull(f, image, "", &amd64, &res, &ev, &err) < 0);
+    assert_int_equal(err->status, CRIMAGE_INVALID_ARGUMENT);
+    if (!strstr(err->message, cases[i].why))
+      fail_msg("%s: \"%s\" does not say \"%s\"", image, err->message, cases[i].why);
+    crimage_error_clear(&err);
+    assert_false(store_blob_exists(f->store, config, NULL));
+    assert_int_equal(ev.started, 1); /* the config only */
+    manifest *m = fetch_manifest(f, cases[i].name);
+    assert_false(store_blob_exists(f->store, m->layers[0].digest, NULL));
+    manifest_free(m);
+  }
+}
+
 /* Layers of two concatenated gzip members inflate as one stream: the diff_id covers both. */
 static void test_pull_multi_member_gzip(void **state)
 {
@@ -932,6 +1018,7 @@ int main(void)
       cmocka_unit_test(test_pull_always_head_unsupported),
       cmocka_unit_test(test_pull_diff_id_mismatch),
       cmocka_unit_test(test_pull_multi_member_gzip),
+      cmocka_unit_test(test_pull_bad_config_not_stored),
       cmocka_unit_test(test_pull_concurrent_shared),
   };
   return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -305,7 +305,7 @@ static void test_yaml_parse_all(void **state)
   cleanup_error crimage_error *err = NULL;
   json_object *docs = NULL;
   const char *y = "---\na: 1\n---\n---\n- x\n- y\n...\n---\nplain\n";
-  assert_int_equal(yaml_parse_all(y, strlen(y), "t", 16, &docs, &err), 0);
+  assert_int_equal(yaml_parse_all(y, strlen(y), "t", 16, SECRETS_JSON_LIMITS, &docs, &err), 0);
   assert_int_equal(json_object_array_length(docs), 3);
   json_object *a = NULL;
   assert_true(json_object_object_get_ex(json_object_array_get_idx(docs, 0), "a", &a));
@@ -314,26 +314,26 @@ static void test_yaml_parse_all(void **state)
   assert_string_equal(json_object_get_string(json_object_array_get_idx(docs, 2)), "plain");
   json_object_put(docs);
 
-  assert_int_equal(yaml_parse_all("", 0, "t", 16, &docs, &err), 0);
+  assert_int_equal(yaml_parse_all("", 0, "t", 16, SECRETS_JSON_LIMITS, &docs, &err), 0);
   assert_int_equal(json_object_array_length(docs), 0);
   json_object_put(docs);
 
   docs = NULL;
   const char *three = "a: 1\n---\nb: 2\n---\nc: 3\n";
-  assert_true(yaml_parse_all(three, strlen(three), "t", 2, &docs, &err) < 0);
+  assert_true(yaml_parse_all(three, strlen(three), "t", 2, SECRETS_JSON_LIMITS, &docs, &err) < 0);
   assert_null(docs);
   assert_non_null(strstr(err->message, "more than 2"));
   crimage_error_clear(&err);
   const char *broken = "a: 1\n---\nb: [\n";
-  assert_true(yaml_parse_all(broken, strlen(broken), "t", 8, &docs, &err) < 0);
+  assert_true(yaml_parse_all(broken, strlen(broken), "t", 8, SECRETS_JSON_LIMITS, &docs, &err) < 0);
   assert_non_null(strstr(err->message, "document 2"));
   crimage_error_clear(&err);
 
   /* yaml_parse still reads the first document only, and rejects an empty one. */
   json_object *one = NULL;
-  assert_int_equal(yaml_parse(broken, strlen(broken), "t", &one, &err), 0);
+  assert_int_equal(yaml_parse(broken, strlen(broken), "t", SECRETS_JSON_LIMITS, &one, &err), 0);
   json_object_put(one);
-  assert_true(yaml_parse("---\n", 4, "t", &one, &err) < 0);
+  assert_true(yaml_parse("---\n", 4, "t", SECRETS_JSON_LIMITS, &one, &err) < 0);
   assert_non_null(strstr(err->message, "empty document"));
 }
 

@@ -547,7 +547,7 @@ static void test_metadata_survives(void **state)
   size_t len = 0;
   expect_ok(read_file(path, SNAP_MAX_METADATA, &data, &len, &err), &err);
   cleanup_json json_object *o = NULL;
-  expect_ok(json_parse(data, len, path, &o, &err), &err);
+  expect_ok(json_parse(data, len, path, JSON_LIMITS((size_t) 512 << 20, 100000), &o, &err), &err);
   assert_int_equal(json_object_array_length(json_get_array(o, "snapshots")), 2);
   struct stat st;
   assert_int_equal(stat(path, &st), 0);

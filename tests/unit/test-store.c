@@ -66,6 +66,26 @@ static store *open_store(const char *root)
   return s;
 }
 
+static store *open_store_keeping(const char *root, int64_t retention_ms, uint64_t max_bytes)
+{
+  cleanup_error crimage_error *err = NULL;
+  store *s = NULL;
+  store_options o = {.unreferenced_retention_ms = retention_ms, .unreferenced_max_bytes = max_bytes};
+  if (store_open_opts(root, &o, &s, &err) < 0)
+    fail_msg("store_open_opts: %s", err ? err->message : "?");
+  return s;
+}
+
+/* Sets a file's mtime to seconds ago, as if it had been written then. */
+static void age_file(const char *path, int64_t seconds)
+{
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  struct timespec t[2] = {{now.tv_sec - seconds, 0}, {now.tv_sec - seconds, 0}};
+  if (utimensat(AT_FDCWD, path, t, AT_SYMLINK_NOFOLLOW) < 0)
+    fail_msg("utimensat %s: %s", path, strerror(errno));
+}
+
 static char *sha256_of(const void *data, size_t len)
 {
   char d[DIGEST_MAX_LEN + 1];
@@ -770,7 +790,7 @@ static void test_reload(void **state)
   /* index.json is an OCI image index naming the tagged images, as skopeo expects. */
   cleanup_free char *index_path = xasprintf("%s/index.json", f->root);
   cleanup_json json_object *idx = NULL;
-  assert_int_equal(yaml_parse_file(index_path, 1 << 20, &idx, &err), 0);
+  assert_int_equal(yaml_parse_file(index_path, 1 << 20, JSON_LIMITS(16u << 20, 1000), &idx, &err), 0);
   int64_t v = 0;
   assert_true(json_get_int64(idx, "schemaVersion", &v));
   assert_int_equal(v, 2);
@@ -1050,7 +1070,10 @@ static void test_corrupt_index(void **state)
   assert_absent(s, "", BUSYBOX ":b");
   assert_int_equal(count_images(s, NULL), 1);
   assert_int_equal(access(tmp, F_OK), -1);
-  /* The sweep at open removed b's now unreferenced blobs. */
+  /* b's blobs, unreferenced now, are kept within the retention; a store keeping nothing sweeps them at open. */
+  assert_true(store_blob_exists(s, b.config, NULL));
+  store_close(s);
+  s = open_store_keeping(f->root, 0, 0);
   assert_false(store_blob_exists(s, b.config, NULL));
   assert_false(store_blob_exists(s, b.manifest, NULL));
   assert_true(store_blob_exists(s, a.layers[0], NULL));
@@ -1226,9 +1249,15 @@ static void test_gc(void **state)
   assert_true(store_blob_exists(s, other_manifest, NULL));
   assert_int_equal(count_files(dir), 4);
 
-  /* A blob no record references is swept at the next open. */
+  /* A blob no record references (left by a failed pull) is kept at the next open, for a pull to resume, and swept
+   * at an open after its retention. */
   cleanup_free char *orphan = put(s, "orphan from a failed pull");
   store_close(s);
+  s = open_store(f->root);
+  assert_true(store_blob_exists(s, orphan, NULL));
+  store_close(s);
+  cleanup_free char *orphan_path = xasprintf("%s/%s", dir, digest_hex(orphan));
+  age_file(orphan_path, 2 * 3600);
   s = open_store(f->root);
   assert_false(store_blob_exists(s, orphan, NULL));
   assert_int_equal(count_files(dir), 4);
@@ -1253,8 +1282,8 @@ static void test_hold_defers_gc(void **state)
   test_image old = make_image(s, "old", la);
   record_ok(s, "", "docker.io/library/old", "1", NULL, &old);
 
-  store_hold(s);
-  store_hold(s); /* holds nest */
+  store_holder *h1 = store_hold(s);
+  store_holder *h2 = store_hold(s); /* holds nest */
   /* The "pull" sees the base layer present and stores only its own blobs. */
   assert_true(store_blob_exists(s, old.layers[0], NULL));
   assert_int_equal(store_remove_image(s, "", old.config, &err), 0);
@@ -1264,9 +1293,9 @@ static void test_hold_defers_gc(void **state)
   const char *lb[] = {"base shared by both", "only new", NULL};
   test_image new = make_image(s, "new", lb);
   record_ok(s, "", "docker.io/library/new", "1", NULL, &new);
-  store_release(s);
+  store_release(h1);
   assert_true(store_blob_exists(s, old.layers[1], NULL));
-  store_release(s);
+  store_release(h2);
   /* Now the old image's own blobs go; the layer the new image uses stays. */
   assert_false(store_blob_exists(s, old.layers[1], NULL));
   assert_false(store_blob_exists(s, old.config, NULL));
@@ -1277,9 +1306,173 @@ static void test_hold_defers_gc(void **state)
   assert_int_equal(store_remove_image(s, "", new.config, &err), 0);
   cleanup_free char *dir = blobs_dir(f->root);
   assert_int_equal(count_files(dir), 0);
-  store_release(s); /* an unbalanced release is harmless */
+  store_release(NULL); /* harmless */
   test_image_clear(&old);
   test_image_clear(&new);
+  store_close(s);
+}
+
+/* What a failed pull committed (blobs), its partial downloads and its unpacked layers stay, also across a restart
+ * (the open's sweep deleted them: an interrupted pull downloaded them again), until their retention after their
+ * last use has passed: then a sweep deletes them without a restart. ImageFsInfo counts them while they are there.
+ * An empty partial, which resumes nothing, goes at once. */
+static void test_unreferenced_retention(void **state)
+{
+  fixture *f = *state;
+  cleanup_error crimage_error *err = NULL;
+  store *s = open_store(f->root);
+  store_usage u0 = {0};
+  assert_int_equal(store_get_usage(s, &u0, &err), 0);
+  char big[100000];
+  memset(big, 'v', sizeof(big) - 1);
+  big[sizeof(big) - 1] = '\0';
+  cleanup_free char *verified = put(s, big); /* a layer of a pull that failed later */
+  cleanup_free char *pd = sha256_of("partial blob", 12);
+  store_ingest *in = NULL;
+  assert_int_equal(store_ingest_begin(s, pd, 12, &in, &err), 0);
+  assert_int_equal(store_ingest_write(in, "partial", 7, &err), 0);
+  store_ingest_abort(in, true);
+  /* a blob that always fails: nothing arrived, nothing stays */
+  cleanup_free char *ed = sha256_of("never", 5);
+  assert_int_equal(store_ingest_begin(s, ed, 5, &in, &err), 0);
+  store_ingest_abort(in, true);
+  cleanup_free char *ingest_dir = xasprintf("%s/ingest", f->root);
+  cleanup_free char *partial = xasprintf("%s/sha256-%s", ingest_dir, digest_hex(pd));
+  cleanup_free char *empty = xasprintf("%s/sha256-%s", ingest_dir, digest_hex(ed));
+  assert_int_equal(access(empty, F_OK), -1);
+  assert_int_equal(access(partial, F_OK), 0);
+  cleanup_free char *layer = xasprintf("%s/layers/sha256/%s", f->root, digest_hex(verified));
+  assert_int_equal(mkdir(layer, 0755), 0);
+  cleanup_free char *layer_file = xasprintf("%s/file", layer);
+  write_text(layer_file, big);
+  store_usage u1 = {0};
+  assert_int_equal(store_get_usage(s, &u1, &err), 0);
+  assert_true(u1.used_bytes >= u0.used_bytes + 2 * sizeof(big));
+  store_close(s);
+
+  /* A restart keeps them. */
+  s = open_store(f->root);
+  store_sweep(s);
+  assert_true(store_blob_exists(s, verified, NULL));
+  assert_int_equal(access(partial, F_OK), 0);
+  assert_true(store_layer_exists(s, verified));
+
+  /* Past their retention a sweep deletes them, the store still open. A partial a writer holds stays. */
+  cleanup_free char *vpath = xasprintf("%s/blobs/sha256/%s", f->root, digest_hex(verified));
+  age_file(vpath, 3601);
+  age_file(partial, 3601);
+  cleanup_free char *held_digest = sha256_of("held partial", 12);
+  assert_int_equal(store_ingest_begin(s, held_digest, 12, &in, &err), 0);
+  assert_int_equal(store_ingest_write(in, "held", 4, &err), 0);
+  cleanup_free char *held = xasprintf("%s/sha256-%s", ingest_dir, digest_hex(held_digest));
+  age_file(held, 3601);
+  store_sweep(s);
+  assert_false(store_blob_exists(s, verified, NULL));
+  assert_int_equal(access(partial, F_OK), -1);
+  assert_int_equal(access(held, F_OK), 0);
+  store_ingest_abort(in, true);
+  /* The layer directory's clock is its ctime (its mtime comes from the layer): a store keeping nothing sweeps it. */
+  assert_true(store_layer_exists(s, verified));
+  store_close(s);
+  s = open_store_keeping(f->root, 0, 0);
+  store_sweep(s);
+  assert_false(store_layer_exists(s, verified));
+  assert_int_equal(access(held, F_OK), -1);
+  store_usage u2 = {0};
+  assert_int_equal(store_get_usage(s, &u2, &err), 0);
+  assert_true(u2.used_bytes < u1.used_bytes - 2 * sizeof(big));
+  store_usage_clear(&u0);
+  store_usage_clear(&u1);
+  store_usage_clear(&u2);
+  store_close(s);
+}
+
+/* Within their retention, unreferenced blobs are kept up to the size limit: the oldest go first. */
+static void test_unreferenced_size_limit(void **state)
+{
+  fixture *f = *state;
+  store *s = open_store_keeping(f->root, 3600 * 1000, 150000);
+  char data[3][60000];
+  char *d[3];
+  for (int i = 0; i < 3; i++) {
+    memset(data[i], 'a' + i, sizeof(data[i]) - 1);
+    data[i][sizeof(data[i]) - 1] = '\0';
+    d[i] = put(s, data[i]);
+    cleanup_free char *path = xasprintf("%s/blobs/sha256/%s", f->root, digest_hex(d[i]));
+    age_file(path, 600 - i * 60); /* d[0] the oldest */
+  }
+  store_sweep(s);
+  assert_false(store_blob_exists(s, d[0], NULL));
+  assert_true(store_blob_exists(s, d[1], NULL));
+  assert_true(store_blob_exists(s, d[2], NULL));
+  store_close(s);
+  for (int i = 0; i < 3; i++)
+    free(d[i]);
+}
+
+/* A pull's pins keep what it is about to use from the sweep (and start its retention again); a blob whose removal
+ * waits for the holds is left for the release. */
+static void test_unreferenced_pins(void **state)
+{
+  fixture *f = *state;
+  cleanup_error crimage_error *err = NULL;
+  store *s = open_store_keeping(f->root, 3600 * 1000, 0);
+  cleanup_free char *left = put(s, "left by an earlier try");
+  cleanup_free char *path = xasprintf("%s/blobs/sha256/%s", f->root, digest_hex(left));
+  age_file(path, 7200);
+  store_holder *h = store_hold(s);
+  store_pin(h, left);
+  struct stat st;
+  assert_int_equal(stat(path, &st), 0);
+  assert_true(st.st_mtime > time(NULL) - 60); /* its retention starts again */
+  store_sweep(s);
+  assert_true(store_blob_exists(s, left, NULL));
+  /* removed while held: deferred, and the sweep leaves it to the release */
+  const char *layers[] = {"layer of a removed image", NULL};
+  test_image t = make_image(s, "removed", layers);
+  record_ok(s, "", BUSYBOX, "gone", NULL, &t);
+  assert_int_equal(store_remove_image(s, "", t.config, &err), 0);
+  store_sweep(s);
+  assert_true(store_blob_exists(s, t.layers[0], NULL));
+  store_release(h);
+  assert_false(store_blob_exists(s, t.layers[0], NULL));
+  /* unpinned, over the size limit of 0 */
+  store_sweep(s);
+  assert_false(store_blob_exists(s, left, NULL));
+  test_image_clear(&t);
+  store_close(s);
+}
+
+/* The sweeper thread reclaims without a restart: periodically, and soon after a hold is released. */
+static void test_sweeper_thread(void **state)
+{
+  fixture *f = *state;
+  cleanup_error crimage_error *err = NULL;
+  store *s = open_store_keeping(f->root, 1000, 1u << 30);
+  assert_int_equal(store_start_sweeper(s, &err), 0);
+  cleanup_free char *a = put(s, "retained for a second");
+  for (int i = 0; i < 100 && store_blob_exists(s, a, NULL); i++) {
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  assert_false(store_blob_exists(s, a, NULL));
+  store_close(s);
+
+  s = open_store_keeping(f->root, 3600 * 1000, 0);
+  assert_int_equal(store_start_sweeper(s, &err), 0);
+  store_holder *h = store_hold(s);
+  cleanup_free char *b = sha256_of("a failed pull's blob", 20);
+  store_pin(h, b);
+  assert_int_equal(store_blob_put(s, b, "a failed pull's blob", 20, &err), 0);
+  struct timespec ts = {1, 200 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+  assert_true(store_blob_exists(s, b, NULL)); /* pinned */
+  store_release(h);
+  for (int i = 0; i < 60 && store_blob_exists(s, b, NULL); i++) {
+    ts = (struct timespec){0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  assert_false(store_blob_exists(s, b, NULL));
   store_close(s);
 }
 
@@ -1600,6 +1793,10 @@ int main(void)
       cmocka_unit_test_setup_teardown(test_gc, setup, teardown),
       cmocka_unit_test_setup_teardown(test_hold_defers_gc, setup, teardown),
       cmocka_unit_test_setup_teardown(test_usage, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_unreferenced_retention, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_unreferenced_size_limit, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_unreferenced_pins, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_sweeper_thread, setup, teardown),
       cmocka_unit_test_setup_teardown(test_concurrent_readers, setup, teardown),
       cmocka_unit_test_setup_teardown(test_crash_safety, setup, teardown),
       cmocka_unit_test_setup_teardown(test_record_unchanged_no_write, setup, teardown),

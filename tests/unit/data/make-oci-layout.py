@@ -2,13 +2,16 @@
 """Writes a small OCI image layout for the pull tests.
 
 usage: make-oci-layout.py DIR TAG [--layers N] [--user USER] [--seed S] [--arch ARCH[/VARIANT]]...
-                          [--layer-bytes N] [--bad-diff-id I] [--multi-member]
+                          [--layer-bytes N] [--bad-diff-id I] [--multi-member] [--config-empty-objects N]
+                          [--config-array]
 
 With one --arch (default amd64) the tag names an image manifest; with several it names an image index holding one
 manifest per architecture. Layer contents are derived from the seed, tag and architecture, so the digests are stable.
 --layer-bytes adds N incompressible (seeded pseudo-random) bytes to every layer; --bad-diff-id I writes a wrong
 rootfs.diff_ids[I] into the config (a layer whose content is not what the config says); --multi-member writes every
 layer as two concatenated gzip members (RFC 1952 allows it; pigz and some builders produce such streams).
+--config-empty-objects N adds a list of N empty objects to the config (cheap to send, costly to parse);
+--config-array writes the config as a JSON array holding what would be the config (not an image config).
 """
 import argparse
 import gzip
@@ -46,7 +49,8 @@ def make_layer(seed, i, extra=0, multi=False):
     return gzip.compress(tarbytes, mtime=0), "sha256:" + hashlib.sha256(tarbytes).hexdigest()
 
 
-def make_image(layout, tag, arch, layers, user, seed, extra=0, bad_diff_id=-1, multi=False):
+def make_image(layout, tag, arch, layers, user, seed, extra=0, bad_diff_id=-1, multi=False, empty_objects=0,
+               config_array=False):
     parts = arch.split("/")
     seed = "%s-%s-%s" % (seed, tag, arch)
     descs, diff_ids = [], []
@@ -66,7 +70,10 @@ def make_image(layout, tag, arch, layers, user, seed, extra=0, bad_diff_id=-1, m
     }
     if len(parts) > 1:
         config["variant"] = parts[1]
-    cdesc = put_blob(layout, json.dumps(config, sort_keys=True).encode())
+    if empty_objects:
+        config["junk"] = [{}] * empty_objects
+    cdesc = put_blob(layout, json.dumps([config] if config_array else config, sort_keys=True,
+                                        separators=(",", ":")).encode())
     cdesc["mediaType"] = "application/vnd.oci.image.config.v1+json"
     manifest = {
         "schemaVersion": 2,
@@ -93,13 +100,16 @@ def main():
     ap.add_argument("--layer-bytes", type=int, default=0)
     ap.add_argument("--bad-diff-id", type=int, default=-1)
     ap.add_argument("--multi-member", action="store_true")
+    ap.add_argument("--config-empty-objects", type=int, default=0)
+    ap.add_argument("--config-array", action="store_true")
     a = ap.parse_args()
     arches = a.arch or ["amd64"]
     os.makedirs(os.path.join(a.dir, "blobs", "sha256"), exist_ok=True)
     with open(os.path.join(a.dir, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
     if len(arches) == 1:
-        top, _ = make_image(a.dir, a.tag, arches[0], a.layers, a.user, a.seed, a.layer_bytes, a.bad_diff_id, a.multi_member)
+        top, _ = make_image(a.dir, a.tag, arches[0], a.layers, a.user, a.seed, a.layer_bytes, a.bad_diff_id, a.multi_member,
+                            a.config_empty_objects, a.config_array)
     else:
         entries = []
         for arch in arches:
