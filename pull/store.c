@@ -569,6 +569,7 @@ int store_ingest_replay(store_ingest *in, store_ingest_replay_fn fn, void *userd
 int store_ingest_commit(store_ingest *in, crimage_error **err)
 {
   _cleanup_(ingest_freep) store_ingest *owned = in;
+  (void) owned; /* it only frees the ingest on every return (clang counts a cleanup as no use) */
   char actual[DIGEST_MAX_LEN + 1];
   digester_final(in->d, actual);
   if (in->expected >= 0 && in->offset != (uint64_t) in->expected) {
@@ -1285,7 +1286,8 @@ static void sweep(store *s, bool layers)
     }
   }
   /* The oldest first, until the rest fits. */
-  qsort(keep.v, keep.n, sizeof(*keep.v), leftover_by_age);
+  if (keep.n > 1)
+    qsort(keep.v, keep.n, sizeof(*keep.v), leftover_by_age);
   for (size_t i = 0; i < keep.n; i++) {
     if (kept_bytes <= s->unreferenced_max) {
       n_kept++;
