@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <sys/stat.h>
 
 #include "common/fsutil.h"
@@ -27,6 +28,35 @@ char *snap_fs_path(const snapshotter *s, const snap_record *r)
   if (r->layer_dir)
     return xstrdup(r->layer_dir);
   return xasprintf("%s/%" PRIu64 "/fs", s->snapshots_dir, r->id);
+}
+
+/* A registered layer's directory goes into overlay options through <root>/l/<id>, a symlink to it: the options of
+ * one mount must fit in a page, containerd shortens the lower directories to their paths below the longest common
+ * parent, and a layer named by its 64-digit diff_id would take 65 bytes a layer (62 layers would not fit). The
+ * link is made when a mount first needs it and is checked every time; when it cannot be made, the full path. */
+static char *layer_alias(const snapshotter *s, const snap_record *r)
+{
+  char *alias = xasprintf("%s/l/%" PRIu64, s->root, r->id);
+  char target[PATH_MAX + 1];
+  ssize_t n = readlink(alias, target, sizeof(target) - 1);
+  if (n >= 0) {
+    target[n] = '\0';
+    if (streq(target, r->layer_dir))
+      return alias;
+    (void) unlink(alias);
+  }
+  if (symlink(r->layer_dir, alias) == 0)
+    return alias;
+  log_warn("snapshotter: cannot link `%s` to `%s`: %s", alias, r->layer_dir, strerror(errno));
+  free(alias);
+  return xstrdup(r->layer_dir);
+}
+
+static void layer_alias_remove(const snapshotter *s, const snap_record *r)
+{
+  cleanup_free char *alias = xasprintf("%s/l/%" PRIu64, s->root, r->id);
+  if (unlink(alias) < 0 && errno != ENOENT)
+    log_warn("snapshotter: cannot remove `%s`: %s", alias, strerror(errno));
 }
 
 char *snap_work_path(const snapshotter *s, uint64_t id)
@@ -79,7 +109,10 @@ int snapshotter_open(const snapshotter_options *opts, snapshotter **ret, crimage
     return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL,
                              "the snapshotter root `%s` holds ',' or ':', which overlay options cannot carry", root);
   cleanup_free char *snapshots_dir = xasprintf("%s/snapshots", root);
+  cleanup_free char *aliases_dir = xasprintf("%s/l", root);
   int r = mkdir_p(snapshots_dir, 0700, err);
+  if (r == 0)
+    r = mkdir_p(aliases_dir, 0700, err);
   if (r < 0)
     return crimage_error_wrap(err, "snapshotter root");
   snapshotter *s = xcalloc(1, sizeof(*s));
@@ -138,7 +171,7 @@ static int parent_chain(snapshotter *s, const char *parent, char ***ret, size_t 
       return crimage_error_set(err, CRIMAGE_INTERNAL, ENOENT, "the parent chain is broken at `%s`", parent);
     }
     v = xrealloc(v, (n + 1) * sizeof(*v));
-    v[n++] = snap_fs_path(s, p);
+    v[n++] = p->layer_dir ? layer_alias(s, p) : snap_fs_path(s, p);
     parent = p->parent;
   }
   *ret = v;
@@ -430,6 +463,8 @@ int snapshotter_remove(snapshotter *s, const char *key, crimage_error **err)
   /* Out of the lock: the id is no one's any more. A registered layer's directory is not ours to delete. */
   if (!rec->layer_dir)
     discard_directory(s, rec->id);
+  else
+    layer_alias_remove(s, rec);
   log_debug("snapshotter: removed `%s`%s", key, rec->layer_dir ? " (its layer directory stays)" : "");
   snap_record_free(rec);
   return 0;

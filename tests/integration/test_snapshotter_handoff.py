@@ -103,3 +103,28 @@ def test_killed_during_unpack_then_pod_starts(daemon_factory, containerd_factory
         assert not {layer.digest for layer in image.layers} & set(ctd.content())
     finally:
         crt.close()
+
+
+def test_image_of_many_layers_starts(daemon_factory, containerd_factory, short_dir, cri, runtime_pb, registry,
+                                     tmp_path):
+    """70 layers: overlay's options must fit in one page, so the layers are named by short links (<snapshots
+    root>/l/<id>), not by their 64-digit diff_ids (65 bytes a layer: at most 61 layers would fit)."""
+    with open(fixtures.BUSYBOX, "rb") as f:
+        busybox = f.read()
+    layers = [fixtures.Layer([("bin", None), ("bin/busybox", busybox, 0o755), ("bin/sh", ("symlink", "busybox"))])]
+    layers += [fixtures.Layer([("d", None), (f"d/f{i}", f"layer {i}\n".encode())]) for i in range(69)]
+    image = fixtures.Image("many-layers", layers, cmd=[fixtures.BUSYBOX, "sh", "-c", "ls /d | wc -l"])
+    layout = str(tmp_path / "layout")
+    fixtures.write_oci_layout(layout, image, "fixture")
+    work = str(tmp_path / "push")
+    os.makedirs(work)
+    ref = f"{registry.host}/crimage-test/many-layers:1"
+    fixtures.skopeo_push(layout, "fixture", ref, fixtures._policy(work), tmpdir=work)
+
+    d, ctd = start_pair(daemon_factory, containerd_factory, short_dir)
+    image_id = d.client.pull(ref)
+    crt = ctd.client(cri, runtime_pb)
+    try:
+        assert crt.run_pod(image_id, user_image=ref) == (0, "69\n")
+    finally:
+        crt.close()
