@@ -71,10 +71,16 @@ int credhelper_get(const char *helper, const char *dir, const char *registry_hos
     return crimage_error_set(err, CRIMAGE_UNAUTHENTICATED, 0, "credential helper %s get for %s exited with %d%s%s",
                              name, server, res.exit_status, *res.err ? ": " : "", res.err);
   }
+  return credhelper_parse_output(name, registry_host, res.out, res.out_len, ret, err);
+}
+
+int credhelper_parse_output(const char *name, const char *registry_host, const char *out, size_t len,
+                            credential **ret, crimage_error **err)
+{
   cleanup_json json_object *resp = NULL;
   cleanup_free char *what = xasprintf("output of credential helper %s", name);
   /* json_parse messages name positions, never content. */
-  r = json_parse(res.out, res.out_len, what, CREDHELPER_JSON_LIMITS, &resp, err);
+  int r = json_parse(out, len, what, CREDHELPER_JSON_LIMITS, &resp, err);
   if (r < 0)
     return r;
   if (!json_object_is_type(resp, json_type_object))

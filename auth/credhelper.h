@@ -21,5 +21,9 @@ char *credhelper_server_url(const char *registry_host);
  * server (not an error). */
 int credhelper_get(const char *helper, const char *dir, const char *registry_host, int64_t timeout_ms, credential **ret,
                    crimage_error **err);
+/* What credhelper_get makes of a helper's stdout (out, len) for registry_host: a credential, or NULL when it holds
+ * none. name is the helper's executable name, for messages (which never quote the output). */
+int credhelper_parse_output(const char *name, const char *registry_host, const char *out, size_t len,
+                            credential **ret, crimage_error **err);
 
 #endif

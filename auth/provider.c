@@ -458,6 +458,16 @@ static int parse_response(provider *p, const char *out, size_t out_len, keyring 
   return 0;
 }
 
+int provider_set_parse_response(provider_set *ps, size_t index, const char *out, size_t len, keyring **ret,
+                                crimage_error **err)
+{
+  if (index >= ps->n)
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, EINVAL, "no provider %zu", index);
+  cache_kind kind;
+  int64_t cache_ms = 0;
+  return parse_response(ps->v[index], out, len, ret, &kind, &cache_ms, err);
+}
+
 static crimage_error *error_copy(const crimage_error *e)
 {
   crimage_error *c = xcalloc(1, sizeof(*c));

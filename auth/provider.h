@@ -40,6 +40,12 @@ size_t provider_set_size(const provider_set *ps);
  * plugin's stderr, never its stdout). */
 int provider_set_provide(provider_set *ps, const char *image, keyring *k, crimage_error **err);
 
+/* What the provider at index of ps makes of a plugin's stdout (out, len): the keyring of its response, checked as
+ * provider_set_provide does (kind, apiVersion, cacheKeyType, cacheDuration, auth), without caching it; for tests
+ * and fuzzing. */
+int provider_set_parse_response(provider_set *ps, size_t index, const char *out, size_t len, keyring **ret,
+                                crimage_error **err);
+
 /* How many callers are currently running or waiting for a plugin run for image, over all providers (a test hook
  * to prove that concurrent identical requests share one run). */
 size_t provider_set_pending(provider_set *ps, const char *image);
