@@ -839,9 +839,9 @@ int rootfs_mount(char *const *layers, const char *dir, crimage_error **err)
   if (n == 1) {
     /* overlayfs wants two lower layers when it has no upper one: one layer is a bind mount, made read-only by a
      * remount (a bind mount takes MS_RDONLY only that way) */
-    if (mount(layers[0], dir, NULL, MS_BIND, NULL) < 0)
+    if (mount(layers[0], dir, "none", MS_BIND, NULL) < 0)
       return mount_error(errno, dir, "bind-mounting the layer", err);
-    if (mount(NULL, dir, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0) {
+    if (mount("none", dir, "none", MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0) {
       int e = errno;
       umount2(dir, MNT_DETACH);
       return mount_error(e, dir, "making the bind mount read-only", err);

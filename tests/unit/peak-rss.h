@@ -51,6 +51,16 @@ static __attribute__((unused)) bool tests_accurate_rss(void)
  * assertions: it runs in the child). */
 static __attribute__((unused)) long test_peak_rss_kib(int (*fn)(void *), void *arg, int *ret)
 {
+#ifdef RUNNING_ON_VALGRIND
+  /* valgrind checks a forked child's leaks too (it inherits every buffer of the test) and fails it: there the call
+   * runs in this process, and no figure is claimed. */
+  if (RUNNING_ON_VALGRIND) {
+    int r = fn(arg);
+    if (ret)
+      *ret = r;
+    return 0;
+  }
+#endif
   int p[2];
   if (pipe(p) < 0)
     return -1;
