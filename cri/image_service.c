@@ -557,6 +557,21 @@ static int select_named(image_service *svc, const char *handler, const char *nam
   return 0;
 }
 
+/* The distinct stores, the main one first. */
+static size_t distinct_stores(const image_service *svc, store **out)
+{
+  size_t n = 0;
+  out[n++] = svc->store;
+  for (size_t i = 0; i < svc->n_handler_stores; i++) {
+    bool seen = false;
+    for (size_t j = 0; j < n && !seen; j++)
+      seen = out[j] == svc->handler_stores[i].store;
+    if (!seen)
+      out[n++] = svc->handler_stores[i].store;
+  }
+  return n;
+}
+
 /* The images an ImageFilter selects; shared by ListImages and StreamImages. */
 static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filter, store_image ***ret,
                        size_t *ret_n, crimage_error **err)
@@ -581,20 +596,13 @@ static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filte
       if (r < 0)
         return r;
     } else {
-      r = store_list_images(svc->store, NULL, &list, &n, err);
-      if (r < 0)
-        return r;
-      /* Handlers with stores of their own: their images are merged in. */
-      for (size_t i = 0; i < svc->n_handler_stores; i++) {
-        store *hs = svc->handler_stores[i].store;
-        bool seen = hs == svc->store;
-        for (size_t j = 0; j < i && !seen; j++)
-          seen = svc->handler_stores[j].store == hs;
-        if (seen)
-          continue; /* a store shared by several handlers is listed once */
+      /* The main store and every store of a handler's own (a store shared by several handlers once). */
+      store *stores[svc->n_handler_stores + 1];
+      size_t n_stores = distinct_stores(svc, stores);
+      for (size_t i = 0; i < n_stores; i++) {
         store_image **more = NULL;
         size_t m = 0;
-        r = store_list_images(hs, NULL, &more, &m, err);
+        r = store_list_images(stores[i], NULL, &more, &m, err);
         if (r < 0) {
           store_image_list_free(list, n);
           return r;
@@ -699,20 +707,6 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
 
 /* ---- ImageFsInfo ---- */
 
-/* The distinct stores, the main one first. */
-static size_t distinct_stores(const image_service *svc, store **out)
-{
-  size_t n = 0;
-  out[n++] = svc->store;
-  for (size_t i = 0; i < svc->n_handler_stores; i++) {
-    bool seen = false;
-    for (size_t j = 0; j < n && !seen; j++)
-      seen = out[j] == svc->handler_stores[i].store;
-    if (!seen)
-      out[n++] = svc->handler_stores[i].store;
-  }
-  return n;
-}
 
 
 static int fs_usage(store *st, Runtime__V1__FilesystemUsage **ret, crimage_error **err)

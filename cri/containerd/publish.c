@@ -172,9 +172,8 @@ static int publish_blob(publisher *p, const ctrd_ctx *c, store *st, const char *
   /* Pinned first: a blob containerd has but nothing references yet (its images were deleted) would otherwise be
    * fair game for containerd's GC between this check and the image records. */
   int r = ctrd_lease_add_content(c, c->lease, digest, err);
-  int64_t have = 0;
   if (r >= 0)
-    r = ctrd_content_info(c, digest, &have, err);
+    r = ctrd_content_info(c, digest, NULL, err);
   if (r > 0) {
     r = n_labels ? ctrd_content_update_labels(c, digest, labels, n_labels, err) : 0;
   } else if (r == 0) {
@@ -289,13 +288,10 @@ static int publish_snapshots(publisher *p, const ctrd_ctx *c, store *st, const s
     if (r < 0)
       return crimage_error_wrap(err, "registering layer %s", img->diff_ids[i]);
   }
+  /* No Stat first: for a chain it has recorded already, containerd's metadata answers ALREADY_EXISTS itself. */
   for (size_t i = 0; chains[i]; i++) {
-    int r = ctrd_snapshot_exists(c, snapshotter, chains[i], err);
-    if (r > 0)
-      continue;
     cleanup_free char *key = xasprintf("crimage-extract-%lld-%zu", (long long) now_realtime_ns(), i);
-    if (r == 0)
-      r = prepare_remote(c, snapshotter, key, i ? chains[i - 1] : "", chains[i], err);
+    int r = prepare_remote(c, snapshotter, key, i ? chains[i - 1] : "", chains[i], err);
     if (r == 0) {
       /* An ordinary snapshot: the snapshotter containerd calls by this name is not crimage's. */
       crimage_error *e = NULL;
