@@ -240,7 +240,7 @@ class Containerd:
     creates containers from (overlayfs, or one of those names). The log (containerd and its shims) is `log`."""
 
     def __init__(self, workdir, sandbox_image, registries=(), handlers=("runc",), log_level="debug",
-                 snapshotter="overlayfs", proxy_snapshotters=None):
+                 snapshotter="overlayfs", proxy_snapshotters=None, auto_gc=True):
         self.workdir = workdir
         self.sandbox_image = sandbox_image
         self.registries = list(registries)
@@ -248,6 +248,7 @@ class Containerd:
         self.log_level = log_level
         self.snapshotter = snapshotter
         self.proxy_snapshotters = dict(proxy_snapshotters or {})
+        self.auto_gc = auto_gc
         os.makedirs(workdir, exist_ok=True)
         # unix socket paths are limited to 107 bytes; the state holds the shims' fifos and runc's state: both short
         self.sockdir = tempfile.mkdtemp(prefix="crimage-ctd-", dir="/tmp")
@@ -302,6 +303,11 @@ class Containerd:
             lines += [f"[{cri}.registry.mirrors.{_toml(host)}]", f"  endpoint = [{_toml('http://' + host)}]"]
         for name, address in self.proxy_snapshotters.items():
             lines += [f"[proxy_plugins.{_toml(name)}]", '  type = "snapshot"', f"  address = {_toml(address)}"]
+        if not self.auto_gc:
+            # Snapshots made with ctr are unreferenced once ctr's lease ends; containerd's scheduler collects them
+            # after 100 metadata changes. A test that lists them afterwards turns that off.
+            lines += ['[plugins."io.containerd.gc.v1.scheduler"]', "  mutation_threshold = 1000000000",
+                      "  deletion_threshold = 0"]
         return "\n".join(lines) + "\n"
 
     def running(self):

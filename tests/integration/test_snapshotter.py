@@ -222,7 +222,8 @@ def snap(snap_daemon, snap_pb):
 def snap_ctd(snap_daemon, containerd_factory):
     """A containerd whose CRI plugin unpacks into and runs from crimage's snapshotter (set up after crimaged, so
     torn down, with its pods and mounts, before it)."""
-    return containerd_factory(snapshotter=SNAPSHOTTER, proxy_snapshotters={SNAPSHOTTER: snap_daemon.snapshot_socket})
+    return containerd_factory(snapshotter=SNAPSHOTTER, proxy_snapshotters={SNAPSHOTTER: snap_daemon.snapshot_socket},
+                              auto_gc=False)
 
 
 def own_dirs(d):
