@@ -33,6 +33,12 @@ struct image_service {
   char *containerd_namespace;
   char *containerd_snapshotter; /* NULL: none */
   bool unpack_layers;
+  cstorage **cstorages;
+  size_t n_cstorages;
+  char *cs_root; /* NULL: none */
+  /* Held from collecting the records a tree is to hold until the tree holds them (and, for RemoveImage, until the
+   * record is gone), so that a concurrent sync never writes back an image being removed. */
+  pthread_mutex_t cs_lock;
   pthread_mutex_t waiters_lock;
   struct pull_waiters *waiters;
 };
@@ -164,6 +170,12 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
   svc->unpack_layers = opts->unpack_layers;
   svc->containerd_snapshotter = str_empty(opts->containerd_snapshotter) ? NULL : xstrdup(opts->containerd_snapshotter);
   svc->containerd_namespace = xstrdup(opts->containerd_namespace ? opts->containerd_namespace : "k8s.io");
+  svc->cstorages = xcalloc(opts->n_cstorages + 1, sizeof(cstorage *));
+  for (size_t i = 0; i < opts->n_cstorages; i++)
+    svc->cstorages[i] = opts->cstorages[i];
+  svc->n_cstorages = opts->n_cstorages;
+  svc->cs_root = str_empty(opts->containers_storage_root) ? NULL : xstrdup(opts->containers_storage_root);
+  pthread_mutex_init(&svc->cs_lock, NULL);
   pthread_mutex_init(&svc->waiters_lock, NULL);
   svc->credentials = opts->credentials;
   svc->handlers = xcalloc(opts->n_handlers, sizeof(handler_config));
@@ -174,6 +186,8 @@ int image_service_new(store *st, puller *p, const image_service_options *opts, i
     svc->handlers[i].containerd_namespace =
         opts->handlers[i].containerd_namespace ? xstrdup(opts->handlers[i].containerd_namespace) : NULL;
     svc->handlers[i].snapshotter = opts->handlers[i].snapshotter ? xstrdup(opts->handlers[i].snapshotter) : NULL;
+    svc->handlers[i].containers_storage_root =
+        opts->handlers[i].containers_storage_root ? xstrdup(opts->handlers[i].containers_storage_root) : NULL;
   }
   svc->n_handlers = opts->n_handlers;
   platform_host(&svc->host_platform);
@@ -190,11 +204,15 @@ void image_service_free(image_service *svc)
     free(svc->handlers[i].root);
     free(svc->handlers[i].containerd_namespace);
     free(svc->handlers[i].snapshotter);
+    free(svc->handlers[i].containers_storage_root);
   }
   for (size_t i = 0; i < svc->n_handler_stores; i++)
     free((char *) svc->handler_stores[i].handler);
   free(svc->handler_stores);
   pthread_mutex_destroy(&svc->waiters_lock);
+  pthread_mutex_destroy(&svc->cs_lock);
+  free(svc->cstorages);
+  free(svc->cs_root);
   free(svc->handlers);
   free(svc->default_registry);
   free(svc->containerd_namespace);
@@ -245,12 +263,23 @@ static publish_dest dest_for(const image_service *svc, const char *handler)
   return d;
 }
 
-/* Whether a handler's pulls unpack layers: when its images go to crimage's snapshotter they must; otherwise as
- * configured. */
+/* The containers-storage tree of a handler's images, NULL for none. */
+static cstorage *cs_for(const image_service *svc, const char *handler)
+{
+  const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
+  const char *root = hc && hc->containers_storage_root ? hc->containers_storage_root : svc->cs_root;
+  for (size_t i = 0; i < svc->n_cstorages && !str_empty(root); i++)
+    if (streq(cstorage_root(svc->cstorages[i]), root))
+      return svc->cstorages[i];
+  return NULL;
+}
+
+/* Whether a handler's pulls unpack layers: when its images go to crimage's snapshotter or to a containers-storage
+ * tree (whose layers are the unpacked ones) they must; otherwise as configured. */
 static bool unpack_for(const image_service *svc, const char *handler)
 {
   const handler_config *hc = *handler ? find_handler(svc, handler) : NULL;
-  if (svc->publisher && dest_for(svc, handler).snapshotter)
+  if ((svc->publisher && dest_for(svc, handler).snapshotter) || cs_for(svc, handler))
     return true;
   return hc && hc->unpack_layers >= 0 ? hc->unpack_layers > 0 : svc->unpack_layers;
 }
@@ -572,6 +601,59 @@ static size_t distinct_stores(const image_service *svc, store **out)
   return n;
 }
 
+/* Makes tree cs hold the images of every record of the handlers whose tree it is, but for (without_handler,
+ * without_id) when given (an image being removed). required_id: the image a pull just recorded, which must get
+ * in. With cs_lock held. */
+static int cs_sync_locked(image_service *svc, cstorage *cs, const char *required_id, const char *without_handler,
+                          const char *without_id, crimage_error **err)
+{
+  store *stores[svc->n_handler_stores + 1];
+  size_t n_stores = distinct_stores(svc, stores);
+  store_image **lists[n_stores];
+  size_t counts[n_stores], total = 0;
+  int r = 0;
+  for (size_t i = 0; i < n_stores; i++) {
+    lists[i] = NULL;
+    counts[i] = 0;
+    if (r == 0)
+      r = store_list_images(stores[i], NULL, &lists[i], &counts[i], err);
+    total += counts[i];
+  }
+  cstorage_source *src = xcalloc(total + 1, sizeof(*src));
+  size_t n = 0;
+  for (size_t i = 0; i < n_stores && r == 0; i++)
+    for (size_t j = 0; j < counts[i]; j++) {
+      const store_image *img = lists[i][j];
+      /* A handler's images live in its own store; a record of another handler in this store is not its. */
+      if (store_for(svc, img->handler) != stores[i] || cs_for(svc, img->handler) != cs)
+        continue;
+      if (without_id && streq(img->handler, without_handler) && streq(img->id, without_id))
+        continue;
+      src[n++] = (cstorage_source){.st = stores[i], .img = img};
+    }
+  if (r == 0)
+    r = cstorage_sync(cs, src, n, required_id, err);
+  free(src);
+  for (size_t i = 0; i < n_stores; i++)
+    store_image_list_free(lists[i], counts[i]);
+  return r;
+}
+
+int image_service_sync_containers_storage(image_service *svc, crimage_error **err)
+{
+  for (size_t i = 0; i < svc->n_cstorages; i++) {
+    int64_t start = now_monotonic_ms();
+    pthread_mutex_lock(&svc->cs_lock);
+    int r = cs_sync_locked(svc, svc->cstorages[i], NULL, NULL, NULL, err);
+    pthread_mutex_unlock(&svc->cs_lock);
+    if (r < 0)
+      return r;
+    log_msg(r ? LOG_INFO : LOG_DEBUG, "containers-storage %s: %d images and layers added or removed, in %lld ms",
+            cstorage_root(svc->cstorages[i]), r, (long long) (now_monotonic_ms() - start));
+  }
+  return 0;
+}
+
 /* The images an ImageFilter selects; shared by ListImages and StreamImages. */
 static int list_images(image_service *svc, const Runtime__V1__ImageFilter *filter, store_image ***ret,
                        size_t *ret_n, crimage_error **err)
@@ -694,9 +776,19 @@ static int handle_remove_image(void *userdata, rpc_call *call, const ProtobufCMe
       if (r < 0)
         return crimage_error_wrap(err, "removing %s", req->image->image);
     }
-    r = store_remove_image(store_for(svc, handler), handler, img->id, err);
+    /* Then the containers-storage tree, from which the image goes before its record, so that its layers are no
+     * longer in use when the store decides whether they go too. */
+    cstorage *cs = cs_for(svc, handler);
+    if (cs) {
+      pthread_mutex_lock(&svc->cs_lock);
+      r = cs_sync_locked(svc, cs, NULL, handler, img->id, err);
+    }
+    if (r >= 0)
+      r = store_remove_image(store_for(svc, handler), handler, img->id, err);
+    if (cs)
+      pthread_mutex_unlock(&svc->cs_lock);
     if (r < 0)
-      return r;
+      return crimage_error_wrap(err, "removing %s", req->image->image);
     log_info("removed image %s (%s) for handler \"%s\"", req->image->image, img->id, handler);
   }
   Runtime__V1__RemoveImageResponse *reply = xmalloc(sizeof(*reply));
@@ -1019,6 +1111,18 @@ static int handle_pull_image(void *userdata, rpc_call *call, const ProtobufCMess
    * failure here says nothing about the registry, so it is no reason for back-off. */
   if (svc->publisher) {
     r = publish_pulled(svc, handler, res->image_id, err);
+    if (r < 0) {
+      crimage_error_wrap(err, "pulled %s but could not hand it to the runtime", refstr);
+      free_pull_result(res);
+      return r;
+    }
+  }
+
+  cstorage *cs = cs_for(svc, handler);
+  if (cs) {
+    pthread_mutex_lock(&svc->cs_lock);
+    r = cs_sync_locked(svc, cs, res->image_id, NULL, NULL, err);
+    pthread_mutex_unlock(&svc->cs_lock);
     if (r < 0) {
       crimage_error_wrap(err, "pulled %s but could not hand it to the runtime", refstr);
       free_pull_result(res);

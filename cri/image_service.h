@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "cri/containerd/publish.h"
+#include "cri/containers_storage/cstorage.h"
 #include "cri/pull_credentials.h"
 #include "cri/server.h"
 #include "pull/backoff.h"
@@ -25,6 +26,7 @@ typedef struct handler_config {
   char *containerd_namespace; /* where its images go in containerd; NULL = the default namespace */
   int unpack_layers;          /* 1 / 0: unpack its layers or not; -1: as unpackLayers says */
   char *snapshotter;          /* containerd's name for crimage's snapshotter for its images; NULL = as containerd's */
+  char *containers_storage_root; /* the containers-storage tree of its images; NULL = the default, "" = none */
 } handler_config;
 
 /* A runtime handler with a store (and so a puller) of its own: runtimeHandlers.<name>.root. */
@@ -52,6 +54,9 @@ typedef struct image_service_options {
   bool unpack_layers;               /* pulls unpack every layer for overlayfs (handlers may say otherwise) */
   const char *containerd_snapshotter; /* containerd's name for crimage's snapshotter; NULL: containerd gets the
                                          layer blobs and unpacks them itself */
+  cstorage *const *cstorages;         /* every containers-storage tree of the config, open */
+  size_t n_cstorages;
+  const char *containers_storage_root; /* the tree of handlers without one of their own; NULL or "" = none */
 } image_service_options;
 
 typedef struct image_service image_service;
@@ -62,5 +67,8 @@ void image_service_free(image_service *svc);
 int image_service_register(image_service *svc, rpc_server *server, crimage_error **err);
 /* Publishes every image of every store that containerd lacks (a publisher_ready_fn: containerd came up). */
 void image_service_reconcile(void *svc);
+/* Makes every containers-storage tree hold exactly the images of its handlers' records (at start-up: a tree that
+ * was wiped, edited or left mid-write by a crash is made whole again). */
+int image_service_sync_containers_storage(image_service *svc, crimage_error **err);
 
 #endif

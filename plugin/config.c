@@ -41,6 +41,7 @@ void config_init(crimaged_config *cfg)
       .containerd_namespace = xstrdup("k8s.io"),
       .containerd_snapshotter = xstrdup(""),
       .snapshotter_socket = xstrdup(""),
+      .containers_storage_root = xstrdup(""),
       .unreferenced_retention_ms = STORE_DEFAULT_RETENTION_MS,
       .unreferenced_max_bytes = STORE_DEFAULT_UNREFERENCED_MAX_BYTES,
   };
@@ -68,6 +69,7 @@ void config_clear(crimaged_config *cfg)
     free(cfg->handlers[i].root);
     free(cfg->handlers[i].containerd_namespace);
     free(cfg->handlers[i].snapshotter);
+    free(cfg->handlers[i].containers_storage_root);
   }
   free(cfg->handlers);
   strv_free(cfg->docker_config_paths);
@@ -81,6 +83,7 @@ void config_clear(crimaged_config *cfg)
   free(cfg->containerd_namespace);
   free(cfg->containerd_snapshotter);
   free(cfg->snapshotter_socket);
+  free(cfg->containers_storage_root);
   *cfg = (crimaged_config){0};
 }
 
@@ -253,6 +256,25 @@ static int load_registries(crimaged_config *cfg, json_object *v, crimage_error *
   return 0;
 }
 
+/* containersStorage: {root: DIR}, at the top and per handler; root "" means none. */
+static int load_containers_storage(json_object *v, const char *path, char **root, crimage_error **err)
+{
+  if (!json_object_is_type(v, json_type_object))
+    return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: expected a map", path);
+  json_object_object_foreach(v, k, val)
+  {
+    if (!streq(k, "root"))
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "unknown config key %s.%s", path, k);
+    cleanup_free char *key = xasprintf("%s.root", path);
+    int r = get_string(val, key, root, err);
+    if (r < 0)
+      return r;
+    if (**root && **root != '/')
+      return crimage_error_set(err, CRIMAGE_INVALID_ARGUMENT, 0, "config key %s: must be an absolute path", key);
+  }
+  return 0;
+}
+
 static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **err)
 {
   if (!json_object_is_type(v, json_type_object))
@@ -304,6 +326,11 @@ static int load_handlers(crimaged_config *cfg, json_object *v, crimage_error **e
       } else if (streq(k, "snapshotter")) {
         cleanup_free char *path = xasprintf("runtimeHandlers.%s.snapshotter", name);
         int r = get_string(val, path, &h->snapshotter, err);
+        if (r < 0)
+          return r;
+      } else if (streq(k, "containersStorage")) {
+        cleanup_free char *path = xasprintf("runtimeHandlers.%s.containersStorage", name);
+        int r = load_containers_storage(val, path, &h->containers_storage_root, err);
         if (r < 0)
           return r;
       } else if (streq(k, "containerdNamespace")) {
@@ -459,6 +486,8 @@ static int load_root(crimaged_config *cfg, json_object *root, const char *path, 
       r = get_string(v, key, &cfg->metrics_address, err);
     else if (streq(key, "containerd"))
       r = load_containerd(cfg, v, err);
+    else if (streq(key, "containersStorage"))
+      r = load_containers_storage(v, key, &cfg->containers_storage_root, err);
     else if (streq(key, "unpackLayers"))
       r = get_bool(v, key, &cfg->unpack_layers, err);
     else if (streq(key, "snapshotterSocket"))

@@ -47,6 +47,7 @@ typedef struct crimaged_config {
   char *containerd_namespace; /* default namespace of the images handed over */
   char *containerd_snapshotter; /* containerd's name for crimage's snapshotter; "" = containerd's own */
   char *snapshotter_socket;   /* where containerd's proxy snapshotter is served; "" = not served */
+  char *containers_storage_root; /* the containers-storage tree CRI-O reads; "" = none */
   int64_t unreferenced_retention_ms; /* what failed pulls left is kept this long after its last use */
   uint64_t unreferenced_max_bytes;   /* and this much of it at most */
 } crimaged_config;

@@ -15,6 +15,7 @@
 #include "cri/image_service.h"
 #include "cri/progress_service.h"
 #include "cri/server.h"
+#include "cri/containers_storage/cstorage.h"
 #include "cri/snapshotter/snapshotter.h"
 #include "plugin/config.h"
 #include "plugin/metrics.h"
@@ -54,6 +55,9 @@ typedef struct daemon_ctx {
   snapshotter *snapshotter;
   rpc_server *snapshot_server;
   bool snapshot_socket_bound;
+  /* containersStorage.root and the handlers' own: each distinct tree, open. */
+  cstorage **cstorages;
+  size_t n_cstorages;
 } daemon_ctx;
 
 static void usage(FILE *out)
@@ -256,7 +260,18 @@ static int open_listener(daemon_ctx *d, int *ret_fd, crimage_error **err)
 /* The snapshotter keeps its snapshots under <root>/snapshots, inside the store's lock. It is served on a socket of
  * its own so access to one API is not access to the other: whoever may call the CRI socket (kubelet, crictl) cannot
  * change containerd's snapshots, and containerd's proxy plugin needs nothing but this socket. */
-static bool layer_in_use(void *userdata, const char *dir) { return snapshotter_layer_in_use(userdata, dir); }
+/* An unpacked layer a snapshot of containerd's or a layer of a containers-storage tree stands on stays, also
+ * after the last image listing it went. */
+static bool layer_in_use(void *userdata, const char *dir)
+{
+  const daemon_ctx *d = userdata;
+  if (d->snapshotter && snapshotter_layer_in_use(d->snapshotter, dir))
+    return true;
+  for (size_t i = 0; i < d->n_cstorages; i++)
+    if (cstorage_layer_in_use(d->cstorages[i], dir))
+      return true;
+  return false;
+}
 
 static int add_layer(void *userdata, const char *chain_id, const char *parent_chain, const char *dir,
                      crimage_error **err)
@@ -271,9 +286,30 @@ static int open_snapshotter(daemon_ctx *d, crimage_error **err)
   int r = snapshotter_open(&so, &d->snapshotter, err);
   if (r < 0)
     return crimage_error_wrap(err, "opening the snapshotter");
-  /* An unpacked layer a snapshot of containerd's stands on stays, also after the last image listing it went. */
-  for (size_t i = 0; i < d->n_all_stores; i++)
-    store_set_layer_keeper(d->all_stores[i], layer_in_use, d->snapshotter);
+  return 0;
+}
+
+/* Opens every distinct containers-storage tree the config names (the default and the handlers' own). */
+static int open_containers_storage(daemon_ctx *d, crimage_error **err)
+{
+  const char *roots[d->cfg.n_handlers + 1];
+  size_t n = 0;
+  roots[n++] = d->cfg.containers_storage_root;
+  for (size_t i = 0; i < d->cfg.n_handlers; i++)
+    roots[n++] = d->cfg.handlers[i].containers_storage_root;
+  d->cstorages = xcalloc(n, sizeof(cstorage *));
+  for (size_t i = 0; i < n; i++) {
+    bool seen = str_empty(roots[i]);
+    for (size_t j = 0; j < d->n_cstorages && !seen; j++)
+      seen = streq(cstorage_root(d->cstorages[j]), roots[i]);
+    if (seen)
+      continue;
+    int r = cstorage_open(roots[i], &d->cstorages[d->n_cstorages], err);
+    if (r < 0)
+      return r;
+    d->n_cstorages++;
+    log_info("writing a containers-storage tree for CRI-O at %s", roots[i]);
+  }
   return 0;
 }
 
@@ -336,6 +372,12 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
     if (r < 0)
       return r;
   }
+  r = open_containers_storage(d, err);
+  if (r < 0)
+    return r;
+  if (d->snapshotter || d->n_cstorages)
+    for (size_t i = 0; i < d->n_all_stores; i++)
+      store_set_layer_keeper(d->all_stores[i], layer_in_use, d);
   /* Unreferenced content (a failed or interrupted pull's, unpacked layers no image lists any more) goes once its
    * retention has passed or it exceeds its limit, unless a snapshot stands on it: swept now and from now on (the
    * snapshotter, which says what its snapshots use, is open by then). */
@@ -393,8 +435,15 @@ static int daemon_start(daemon_ctx *d, crimage_error **err)
       .containerd_namespace = d->cfg.containerd_namespace,
       .unpack_layers = d->cfg.unpack_layers,
       .containerd_snapshotter = d->cfg.containerd_snapshotter,
+      .cstorages = d->cstorages,
+      .n_cstorages = d->n_cstorages,
+      .containers_storage_root = d->cfg.containers_storage_root,
   };
   r = image_service_new(d->store, d->puller, &io, &d->images, err);
+  if (r < 0)
+    return r;
+  /* Before serving: CRI-O finds what the records say, also after a crash mid-write or a wiped tree. */
+  r = image_service_sync_containers_storage(d->images, err);
   if (r < 0)
     return r;
 
@@ -455,7 +504,6 @@ static void daemon_stop(daemon_ctx *d)
   }
   if (d->snapshot_socket_bound)
     unlink(d->cfg.snapshotter_socket);
-  snapshotter_free(d->snapshotter);
   metrics_server_stop(d->metrics);
   progress_service_free(d->progress_svc);
   /* The watcher works on the image service: it goes first. */
@@ -478,6 +526,11 @@ static void daemon_stop(daemon_ctx *d)
   free(d->handler_stores);
   puller_free(d->puller);
   store_close(d->store);
+  /* The stores' sweepers ask both whether a layer is in use: they go after the stores. */
+  snapshotter_free(d->snapshotter);
+  for (size_t i = 0; i < d->n_cstorages; i++)
+    cstorage_free(d->cstorages[i]);
+  free(d->cstorages);
   if (d->lock_fd >= 0)
     close(d->lock_fd);
   config_clear(&d->cfg);
