@@ -146,6 +146,35 @@ static void test_unreferenced_keys(void **state)
   config_clear(&packaged);
 }
 
+static void test_containers_storage(void **state)
+{
+  crimaged_config cfg;
+  load_ok("runtimeHandlers: {}\n", &cfg);
+  assert_string_equal(cfg.containers_storage_root, ""); /* off unless set */
+  config_clear(&cfg);
+  load_ok("containersStorage:\n  root: /var/lib/crimage/containers-storage\nruntimeHandlers:\n  kata:\n"
+          "    containersStorage:\n      root: /srv/kata-cs\n  gvisor:\n    containersStorage:\n      root: \"\"\n"
+          "  runc: {}\n",
+          &cfg);
+  assert_string_equal(cfg.containers_storage_root, "/var/lib/crimage/containers-storage");
+  assert_int_equal(cfg.n_handlers, 3);
+  for (size_t i = 0; i < cfg.n_handlers; i++) {
+    const handler_config *h = &cfg.handlers[i];
+    if (streq(h->name, "kata"))
+      assert_string_equal(h->containers_storage_root, "/srv/kata-cs");
+    else if (streq(h->name, "gvisor"))
+      assert_string_equal(h->containers_storage_root, ""); /* none for this handler */
+    else
+      assert_null(h->containers_storage_root); /* as the default */
+  }
+  config_clear(&cfg);
+  load_fails("containersStorage:\n  root: relative\n", "config key containersStorage.root: must be an absolute path");
+  load_fails("containersStorage:\n  graphroot: /x\n", "unknown config key containersStorage.graphroot");
+  load_fails("containersStorage: /x\n", "config key containersStorage: expected a map");
+  load_fails("runtimeHandlers:\n  kata:\n    containersStorage:\n      root: 5\n",
+             "config key runtimeHandlers.kata.containersStorage.root: expected a string");
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -153,6 +182,7 @@ int main(void)
       cmocka_unit_test(test_basic),
       cmocka_unit_test(test_registry_upstream),
       cmocka_unit_test(test_unreferenced_keys),
+      cmocka_unit_test(test_containers_storage),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
