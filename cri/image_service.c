@@ -489,6 +489,16 @@ static int handle_image_status(void *userdata, rpc_call *call, const ProtobufCMe
   int r = find_requested_image(svc, req->image, &handler, &img, err);
   if (r < 0)
     return r;
+  /* The runtime of a handler with a containers-storage tree finds there only images whose layers are unpacked: one
+   * pulled before the handler had a tree is reported absent, so that kubelet pulls it, which unpacks it. */
+  if (img && cs_for(svc, handler)) {
+    json_object *dirs = unpacked_layers(store_for(svc, handler), img);
+    if (!dirs) {
+      store_image_free(img);
+      img = NULL;
+    }
+    json_object_put(dirs);
+  }
 
   Runtime__V1__ImageStatusResponse *reply = xmalloc(sizeof(*reply));
   runtime__v1__image_status_response__init(reply);
