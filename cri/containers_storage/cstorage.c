@@ -249,10 +249,10 @@ static int want_add(want *w, const cstorage_source *s, crimage_error **err)
 {
   const store_image *img = s->img;
   if (!str_has_prefix(img->id, "sha256:") || !digest_valid(img->id))
-    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, EINVAL, "image %s: not a sha256 image ID", img->id);
+    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0, "image %s: not a sha256 image ID", img->id);
   size_t n = strv_length(img->layers);
   if (strv_length(img->diff_ids) != n)
-    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, ENOENT,
+    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
                              "image %s: the layers' uncompressed digests are not recorded (pull it again)", img->id);
   char *manifest_data = NULL, *config_data = NULL;
   size_t manifest_len = 0, config_len = 0;
@@ -265,7 +265,7 @@ static int want_add(want *w, const cstorage_source *s, crimage_error **err)
   if (r < 0)
     return crimage_error_wrap(err, "image %s", img->id);
   if (m->kind != MANIFEST_KIND_IMAGE || m->n_layers != n)
-    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, EINVAL, "image %s: its manifest lists other layers",
+    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0, "image %s: its manifest lists other layers",
                              img->id);
   r = store_blob_read(s->st, img->id, IMAGE_CONFIG_MAX_SIZE, &config_data, &config_len, err);
   if (r < 0)
@@ -278,8 +278,8 @@ static int want_add(want *w, const cstorage_source *s, crimage_error **err)
     targets[i] = store_layer_path(s->st, img->diff_ids[i]);
     n_targets++;
     if (!targets[i] || !store_layer_exists(s->st, img->diff_ids[i]))
-      result = crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, ENOENT,
-                                 "image %s: layer %s is not unpacked (the handler's pulls must unpack layers)",
+      result = crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                                 "image %s: layer %s is not unpacked (pulled before its handler had a tree: the next pull of it unpacks it)",
                                  img->id, img->diff_ids[i]);
   }
   char id[CS_ID_LEN + 1] = "";
