@@ -279,7 +279,8 @@ static int want_add(want *w, const cstorage_source *s, crimage_error **err)
     n_targets++;
     if (!targets[i] || !store_layer_exists(s->st, img->diff_ids[i]))
       result = crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
-                                 "image %s: layer %s is not unpacked (pulled before its handler had a tree: the next pull of it unpacks it)",
+                                 "image %s: layer %s is not unpacked (pulled before its handler had a tree: the "
+                                 "next pull of it unpacks it)",
                                  img->id, img->diff_ids[i]);
   }
   char id[CS_ID_LEN + 1] = "";
