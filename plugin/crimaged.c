@@ -12,10 +12,10 @@
 #include "common/fsutil.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "cri/containers_storage/cstorage.h"
 #include "cri/image_service.h"
 #include "cri/progress_service.h"
 #include "cri/server.h"
-#include "cri/containers_storage/cstorage.h"
 #include "cri/snapshotter/snapshotter.h"
 #include "plugin/config.h"
 #include "plugin/metrics.h"
@@ -257,9 +257,6 @@ static int open_listener(daemon_ctx *d, int *ret_fd, crimage_error **err)
   return 0;
 }
 
-/* The snapshotter keeps its snapshots under <root>/snapshots, inside the store's lock. It is served on a socket of
- * its own so access to one API is not access to the other: whoever may call the CRI socket (kubelet, crictl) cannot
- * change containerd's snapshots, and containerd's proxy plugin needs nothing but this socket. */
 /* An unpacked layer a snapshot of containerd's or a layer of a containers-storage tree stands on stays, also
  * after the last image listing it went. */
 static bool layer_in_use(void *userdata, const char *dir)
@@ -273,6 +270,9 @@ static bool layer_in_use(void *userdata, const char *dir)
   return false;
 }
 
+/* The snapshotter keeps its snapshots under <root>/snapshots, inside the store's lock. It is served on a socket of
+ * its own so access to one API is not access to the other: whoever may call the CRI socket (kubelet, crictl) cannot
+ * change containerd's snapshots, and containerd's proxy plugin needs nothing but this socket. */
 static int add_layer(void *userdata, const char *chain_id, const char *parent_chain, const char *dir,
                      crimage_error **err)
 {
