@@ -4,12 +4,12 @@ what it pulls into a tree that CRI-O and podman read as an additional image stor
 whether that tree is one they can use.
 
 Each Podman has a private configuration and touches nothing of the host's: storage.conf (CONTAINERS_STORAGE_CONF:
-the overlay driver, graphroot and runroot under the instance's directory, the additional image stores it is given),
-containers.conf (CONTAINERS_CONF: runc, no network, file events, tmp_dir and network_config_dir of its own),
-registries.conf (CONTAINERS_REGISTRIES_CONF: no unqualified-search registries, so a short name never reaches a
-public registry; the test registries are marked insecure) and an auth file of its own (REGISTRY_AUTH_FILE).
-Containers run with `--network none` under a cgroup parent of the instance's own (removed at cleanup) and
-`--cgroups=no-conmon`; runroot and tmp_dir are in a short directory under /tmp (see __init__). What the machine needs (see tests/integration/README.md):
+the overlay driver, graphroot under the instance's directory, runroot in a short directory of its own under /tmp
+(see __init__), the additional image stores it is given), containers.conf (CONTAINERS_CONF: runc, no network, file
+events, tmp_dir and network_config_dir of its own), registries.conf (CONTAINERS_REGISTRIES_CONF: no
+unqualified-search registries, so a short name never reaches a public registry; the test registries are marked
+insecure) and an auth file of its own (REGISTRY_AUTH_FILE). Containers run with `--network none` under a cgroup
+parent of the instance's own (removed at cleanup) and `--cgroups=no-conmon`. What the machine needs:
 
 - runc, named explicitly: podman prefers crun where it is installed, and crun does not work with this machine's
   hybrid cgroup layout (crun is not installed here; without a runtime setting podman 4.3 takes runc).
@@ -17,6 +17,8 @@ Containers run with `--network none` under a cgroup parent of the instance's own
   setting rlimit type 7: operation not permitted").
 - `--cgroups=disabled` is refused with runc ("requested OCI runtime runc is not compatible with NoCgroups"), hence a
   private cgroup parent.
+- a short runroot: with one of 76 characters every `podman run` waited 20 s for conmon ("Exceeded conmon timeout
+  waiting for container ... to exit"); 46 were fine.
 - `podman image mount` answers "layer not known" for an image of an additional store; a container's rootfs
   (`podman create` + `podman mount`) is used to look at an image's files instead.
 
