@@ -3,7 +3,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <fts.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -18,7 +17,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "format.h"
-#include "pull/manifest.h"
+#include "tree.h"
 
 /* The tree's own files are crimage's output, but they are read back from a disk anyone with root could edit:
  * bounded like any outside input. */
@@ -125,423 +124,7 @@ static void set_in_use(cstorage *cs, char **dirs)
   pthread_mutex_unlock(&cs->in_use_lock);
 }
 
-/* ---- what the tree is to hold ---- */
-
-typedef struct want_layer {
-  char id[CS_ID_LEN + 1];
-  char parent[CS_ID_LEN + 1]; /* "" for a base layer */
-  char *diff_id;
-  char *blob; /* the compressed blob's digest and size, as the manifest gives them */
-  int64_t blob_size;
-  int compression; /* containers/storage's archive.Compression: 0 none, 2 gzip, 4 zstd */
-  char *target;    /* crimage's unpacked layer directory */
-  char link[CS_LINK_LEN + 1];
-  char *lower; /* the overlay driver's lower file: the parents' links, nearest first; NULL for a base layer */
-  int64_t created_ns;
-  json_object *measured; /* diff-size, uidset and gidset, as measured when the layer entered the tree */
-} want_layer;
-
-typedef struct want_image {
-  char id[CS_ID_LEN + 1];
-  char *digest;
-  char **names;
-  char top[CS_ID_LEN + 1];
-  char *created;
-  char *manifest;
-  size_t manifest_len;
-  char *manifest_digest;
-  char *config;
-  size_t config_len;
-  char *config_digest;
-  int64_t record_ns;
-} want_image;
-
-typedef struct want {
-  want_layer *layers;
-  size_t n_layers;
-  want_image *images;
-  size_t n_images;
-} want;
-
-static void want_clear(want *w)
-{
-  for (size_t i = 0; i < w->n_layers; i++) {
-    free(w->layers[i].diff_id);
-    free(w->layers[i].blob);
-    free(w->layers[i].target);
-    free(w->layers[i].lower);
-    json_object_put(w->layers[i].measured);
-  }
-  for (size_t i = 0; i < w->n_images; i++) {
-    want_image *im = &w->images[i];
-    free(im->digest);
-    strv_free(im->names);
-    free(im->created);
-    free(im->manifest);
-    free(im->manifest_digest);
-    free(im->config);
-    free(im->config_digest);
-  }
-  free(w->layers);
-  free(w->images);
-}
-
-static want_layer *find_layer(want *w, const char *id)
-{
-  for (size_t i = 0; i < w->n_layers; i++)
-    if (streq(w->layers[i].id, id))
-      return &w->layers[i];
-  return NULL;
-}
-
-static want_image *find_image(want *w, const char *id)
-{
-  for (size_t i = 0; i < w->n_images; i++)
-    if (streq(w->images[i].id, id))
-      return &w->images[i];
-  return NULL;
-}
-
-static int compression_of(const char *media_type)
-{
-  if (str_has_suffix(media_type, "+gzip") || str_has_suffix(media_type, ".gzip"))
-    return 2;
-  if (str_has_suffix(media_type, "+zstd") || str_has_suffix(media_type, ".zstd"))
-    return 4;
-  return 0;
-}
-
-/* The names containers/image would give the image: its tags, and name@digest for a repository it has no tag of
- * (pulled by digest). */
-static char **names_of(const store_image *img)
-{
-  char **names = xcalloc(1, sizeof(char *));
-  for (char **t = img->repo_tags; t && *t; t++)
-    strv_add_unique(&names, *t);
-  for (char **d = img->repo_digests; d && *d; d++) {
-    const char *at = strchr(*d, '@');
-    if (!at)
-      continue;
-    size_t repo_len = (size_t) (at - *d);
-    bool tagged = false;
-    for (char **t = img->repo_tags; t && *t && !tagged; t++)
-      tagged = strncmp(*t, *d, repo_len) == 0 && (*t)[repo_len] == ':' && !strchr(*t + repo_len + 1, '/');
-    if (!tagged)
-      strv_add_unique(&names, *d);
-  }
-  return names;
-}
-
-/* The config's creation time, as containers/image takes it; the record's when the config has none. */
-static char *created_of(const char *config, size_t len, int64_t record_ns)
-{
-  cleanup_json json_object *o = NULL;
-  crimage_error *e = NULL;
-  const char *c = NULL;
-  if (json_parse(config, len, "image config", IMAGE_CONFIG_JSON_LIMITS, &o, &e) == 0)
-    c = json_get_string(o, "created");
-  crimage_error_clear(&e);
-  return cs_time_valid(c) ? xstrdup(c) : cs_time_string(record_ns);
-}
-
-/* Adds the image of one record (its layers first), or says why it cannot be in the tree. */
-static int want_add(want *w, const cstorage_source *s, crimage_error **err)
-{
-  const store_image *img = s->img;
-  if (!str_has_prefix(img->id, "sha256:") || !digest_valid(img->id))
-    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0, "image %s: not a sha256 image ID", img->id);
-  size_t n = strv_length(img->layers);
-  if (strv_length(img->diff_ids) != n)
-    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
-                             "image %s: the layers' uncompressed digests are not recorded (pull it again)", img->id);
-  char *manifest_data = NULL, *config_data = NULL;
-  size_t manifest_len = 0, config_len = 0;
-  int r = store_blob_read(s->st, img->manifest_digest, MANIFEST_MAX_SIZE, &manifest_data, &manifest_len, err);
-  if (r < 0)
-    return crimage_error_wrap(err, "image %s", img->id);
-  cleanup_free char *mdata = manifest_data;
-  cleanup_manifest manifest *m = NULL;
-  r = manifest_parse(mdata, manifest_len, img->manifest_media_type, &m, err);
-  if (r < 0)
-    return crimage_error_wrap(err, "image %s", img->id);
-  if (m->kind != MANIFEST_KIND_IMAGE || m->n_layers != n)
-    return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0, "image %s: its manifest lists other layers",
-                             img->id);
-  r = store_blob_read(s->st, img->id, IMAGE_CONFIG_MAX_SIZE, &config_data, &config_len, err);
-  if (r < 0)
-    return crimage_error_wrap(err, "image %s", img->id);
-  cleanup_free char *cdata = config_data;
-  char *targets[n + 1];
-  size_t n_targets = 0;
-  int result = 0;
-  for (size_t i = 0; i < n && result == 0; i++) {
-    targets[i] = store_layer_path(s->st, img->diff_ids[i]);
-    n_targets++;
-    if (!targets[i] || !store_layer_exists(s->st, img->diff_ids[i]))
-      result = crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
-                                 "image %s: layer %s is not unpacked (pulled before its handler had a tree: the "
-                                 "next pull of it unpacks it)",
-                                 img->id, img->diff_ids[i]);
-  }
-  char id[CS_ID_LEN + 1] = "";
-  for (size_t i = 0; i < n && result == 0; i++) {
-    char parent[CS_ID_LEN + 1];
-    memcpy(parent, id, sizeof(id));
-    cs_layer_id(parent, img->diff_ids[i], id);
-    if (find_layer(w, id))
-      continue;
-    w->layers = xrealloc(w->layers, (w->n_layers + 1) * sizeof(*w->layers));
-    want_layer *l = &w->layers[w->n_layers++];
-    *l = (want_layer){.blob_size = m->layers[i].size, .compression = compression_of(m->layers[i].media_type)};
-    memcpy(l->id, id, sizeof(id));
-    memcpy(l->parent, parent, sizeof(parent));
-    l->diff_id = xstrdup(img->diff_ids[i]);
-    l->blob = xstrdup(img->layers[i]);
-    l->target = TAKE_PTR(targets[i]);
-  }
-  for (size_t i = 0; i < n_targets; i++)
-    free(targets[i]);
-  if (result < 0)
-    return result;
-
-  want_image *im = find_image(w, digest_hex(img->id));
-  if (im) {
-    /* Another handler's record of the same image: one image with the names of both. */
-    cleanup_strv char **more = names_of(img);
-    for (char **p = more; *p; p++)
-      strv_add_unique(&im->names, *p);
-    if (img->created_ns > im->record_ns)
-      im->record_ns = img->created_ns;
-    return 0;
-  }
-  w->images = xrealloc(w->images, (w->n_images + 1) * sizeof(*w->images));
-  im = &w->images[w->n_images++];
-  *im = (want_image){.record_ns = img->created_ns, .manifest_len = manifest_len, .config_len = config_len};
-  snprintf(im->id, sizeof(im->id), "%s", digest_hex(img->id));
-  memcpy(im->top, id, sizeof(id));
-  const char *rd = img->repo_digests && img->repo_digests[0] ? strchr(img->repo_digests[0], '@') : NULL;
-  im->digest = xstrdup(rd ? rd + 1 : img->manifest_digest);
-  im->names = names_of(img);
-  im->created = created_of(cdata, config_len, img->created_ns);
-  im->manifest = TAKE_PTR(mdata);
-  im->manifest_digest = xstrdup(img->manifest_digest);
-  im->config = TAKE_PTR(cdata);
-  im->config_digest = xstrdup(img->id);
-  return 0;
-}
-
-/* containers/storage refuses a store in which two images share a name: the newer record keeps it. */
-static void settle_names(want *w)
-{
-  for (size_t i = 0; i < w->n_images; i++) {
-    want_image *a = &w->images[i];
-    char **keep = xcalloc(strv_length(a->names) + 1, sizeof(char *));
-    size_t k = 0;
-    for (char **p = a->names; *p; p++) {
-      bool lost = false;
-      for (size_t j = 0; j < w->n_images && !lost; j++) {
-        const want_image *b = &w->images[j];
-        lost = j != i && strv_contains(b->names, *p) &&
-               (b->record_ns > a->record_ns || (b->record_ns == a->record_ns && j < i));
-      }
-      if (lost)
-        log_warn("containers-storage: name %s goes to another image than %s", *p, a->id);
-      else
-        keep[k++] = xstrdup(*p);
-    }
-    strv_free(a->names);
-    a->names = keep;
-  }
-}
-
-static int cmp_image(const void *x, const void *y)
-{
-  return strcmp(((const want_image *) x)->id, ((const want_image *) y)->id);
-}
-
-/* ---- layer directories ---- */
-
-/* Reads a small file under dirfd into buf (NUL-terminated); -errno on failure, -EFBIG when it does not fit. */
-static int read_small(int dirfd, const char *name, char *buf, size_t size)
-{
-  cleanup_close int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0)
-    return -errno;
-  ssize_t n = read(fd, buf, size);
-  if (n < 0)
-    return -errno;
-  if ((size_t) n == size)
-    return -EFBIG;
-  buf[n] = '\0';
-  return 0;
-}
-
-static bool link_matches(int dirfd, const char *name, const char *target)
-{
-  char buf[PATH_MAX];
-  ssize_t n = readlinkat(dirfd, name, buf, sizeof(buf) - 1);
-  if (n < 0)
-    return false;
-  buf[n] = '\0';
-  return streq(buf, target);
-}
-
-/* Whether overlay/<id> is the complete layer l is to be; its link name and age go into l then. */
-static bool layer_dir_complete(int driver_fd, int links_fd, want_layer *l)
-{
-  cleanup_close int fd = openat(driver_fd, l->id, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0)
-    return false;
-  char link[CS_LINK_LEN + 2];
-  if (read_small(fd, "link", link, sizeof(link)) < 0 || strlen(link) != CS_LINK_LEN ||
-      strspn(link, "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") != CS_LINK_LEN || !link_matches(fd, "diff", l->target))
-    return false;
-  char lower[8192];
-  int r = read_small(fd, "lower", lower, sizeof(lower));
-  if (l->lower ? r < 0 || !streq(lower, l->lower) : r != -ENOENT)
-    return false;
-  cleanup_free char *back = xasprintf("../%s/diff", l->id);
-  if (!link_matches(links_fd, link, back))
-    return false;
-  struct stat st;
-  if (fstatat(fd, "link", &st, 0) < 0)
-    return false;
-  memcpy(l->link, link, sizeof(l->link));
-  l->created_ns = (int64_t) st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
-  return true;
-}
-
-static int write_small(int dirfd, const char *name, const char *data, mode_t mode)
-{
-  cleanup_close int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-  if (fd < 0)
-    return -errno;
-  return write_all(fd, data, strlen(data));
-}
-
-/* The overlay driver's files of a layer, as its create() leaves them: diff (here a symlink to crimage's unpacked
- * layer), link with the short name, l/<short name> pointing back at diff, lower with the parents' short names,
- * work and merged, and empty for a base layer. Nothing lists it before it is complete. */
-static int layer_dir_create(int driver_fd, int links_fd, want_layer *l, crimage_error **err)
-{
-  int r = rm_tree_at(driver_fd, l->id);
-  if (r == 0 && mkdirat(driver_fd, l->id, 0700) < 0)
-    r = -errno;
-  if (r < 0)
-    return crimage_error_set(err, CRIMAGE_INTERNAL, -r, "create layer directory %s", l->id);
-  cleanup_close int fd = openat(driver_fd, l->id, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0)
-    return crimage_error_set(err, CRIMAGE_INTERNAL, errno, "open layer directory %s", l->id);
-  r = cs_new_link(l->link, err);
-  if (r < 0)
-    return r;
-  cleanup_free char *back = xasprintf("../%s/diff", l->id);
-  r = symlinkat(l->target, fd, "diff") < 0 ? -errno : 0;
-  if (r == 0)
-    r = write_small(fd, "link", l->link, 0644);
-  if (r == 0 && l->lower)
-    r = write_small(fd, "lower", l->lower, 0644);
-  if (r == 0 && mkdirat(fd, "work", 0700) < 0)
-    r = -errno;
-  if (r == 0 && mkdirat(fd, "merged", 0700) < 0)
-    r = -errno;
-  if (r == 0 && !l->lower && mkdirat(fd, "empty", 0700) < 0)
-    r = -errno;
-  if (r == 0 && symlinkat(back, links_fd, l->link) < 0)
-    r = -errno;
-  if (r < 0)
-    return crimage_error_set(err, CRIMAGE_INTERNAL, -r, "write layer directory %s", l->id);
-  l->created_ns = now_realtime_ns();
-  return 0;
-}
-
 /* ---- the JSON files ---- */
-
-/* At most this many distinct owners are listed per layer (containers/storage sizes user namespaces by them). */
-#define CS_MAX_IDS 65536
-
-static void add_id(uint32_t **ids, size_t *n, uint32_t id)
-{
-  for (size_t i = 0; i < *n; i++)
-    if ((*ids)[i] == id)
-      return;
-  if (*n >= CS_MAX_IDS)
-    return;
-  *ids = xrealloc(*ids, (*n + 1) * sizeof(**ids));
-  (*ids)[(*n)++] = id;
-}
-
-static int cmp_u32(const void *a, const void *b)
-{
-  uint32_t x = *(const uint32_t *) a, y = *(const uint32_t *) b;
-  return x < y ? -1 : x > y;
-}
-
-static json_object *id_array(uint32_t *ids, size_t n)
-{
-  qsort(ids, n, sizeof(*ids), cmp_u32);
-  json_object *a = json_object_new_array();
-  for (size_t i = 0; i < n; i++)
-    json_object_array_add(a, json_object_new_int64(ids[i]));
-  return a;
-}
-
-/* What containers/storage records of a layer's content when it stores one: its size (here the bytes of its files
- * and link targets: the tar stream it came from is gone) and the owners of its files. The walk never follows a
- * symlink. */
-static json_object *measure_layer(const char *dir)
-{
-  char *paths[] = {(char *) dir, NULL};
-  FTS *fts = fts_open(paths, FTS_PHYSICAL | FTS_NOCHDIR, NULL);
-  uint64_t size = 0;
-  uint32_t *uids = NULL, *gids = NULL;
-  size_t n_uids = 0, n_gids = 0;
-  for (FTSENT *e; fts && (e = fts_read(fts));) {
-    if (e->fts_info == FTS_DP || !e->fts_statp)
-      continue;
-    const struct stat *st = e->fts_statp;
-    if (S_ISREG(st->st_mode) || S_ISLNK(st->st_mode))
-      size = u64_add_sat(size, (uint64_t) st->st_size);
-    if (e->fts_level > 0) {
-      add_id(&uids, &n_uids, st->st_uid);
-      add_id(&gids, &n_gids, st->st_gid);
-    }
-  }
-  if (fts)
-    fts_close(fts);
-  json_object *o = json_object_new_object();
-  json_object_object_add(o, "diff-size", json_object_new_int64(size > INT64_MAX ? INT64_MAX : (int64_t) size));
-  if (n_uids)
-    json_object_object_add(o, "uidset", id_array(uids, n_uids));
-  if (n_gids)
-    json_object_object_add(o, "gidset", id_array(gids, n_gids));
-  free(uids);
-  free(gids);
-  return o;
-}
-
-/* The measurements of a layer kept in the tree's layers.json, when they are there. */
-static json_object *measured_before(json_object *old_layers, const char *id)
-{
-  for (size_t i = 0; i < json_object_array_length(old_layers); i++) {
-    json_object *e = json_object_array_get_idx(old_layers, i);
-    const char *eid = json_get_string(e, "id");
-    json_object *size = NULL;
-    if (!eid || !streq(eid, id) || !json_object_object_get_ex(e, "diff-size", &size) ||
-        !json_object_is_type(size, json_type_int))
-      continue;
-    json_object *o = json_object_new_object();
-    json_object_object_add(o, "diff-size", json_object_get(size));
-    const char *sets[] = {"uidset", "gidset"};
-    for (size_t k = 0; k < ARRAY_SIZE(sets); k++) {
-      json_object *a = json_get_array(e, sets[k]);
-      if (a)
-        json_object_object_add(o, sets[k], json_object_get(a));
-    }
-    return o;
-  }
-  return NULL;
-}
 
 static json_object *layer_json(const want_layer *l)
 {
@@ -702,7 +285,7 @@ static size_t prune(const cstorage *cs, const want *w, int driver_fd, int links_
   size_t removed = 0;
   DIR *d = fdopendir(dup(driver_fd));
   for (struct dirent *de; d && (de = readdir(d));) {
-    if (is_id(de->d_name) && !find_layer((want *) w, de->d_name)) {
+    if (is_id(de->d_name) && !want_find_layer((want *) w, de->d_name)) {
       int r = rm_tree_at(driver_fd, de->d_name);
       if (r < 0)
         log_warn("containers-storage: cannot remove layer %s: %s", de->d_name, strerror(-r));
@@ -731,7 +314,8 @@ static size_t prune(const cstorage *cs, const want *w, int driver_fd, int links_
     for (struct dirent *de; d && (de = readdir(d));) {
       if (strstr(de->d_name, ".json.tmp."))
         unlinkat(fd, de->d_name, 0);
-      else if (k == 0 && is_id(de->d_name) && !find_image((want *) w, de->d_name) && rm_tree_at(fd, de->d_name) == 0)
+      else if (k == 0 && is_id(de->d_name) && !want_find_image((want *) w, de->d_name) &&
+               rm_tree_at(fd, de->d_name) == 0)
         removed++;
     }
     if (d)
@@ -754,9 +338,7 @@ int cstorage_sync(cstorage *cs, const cstorage_source *src, size_t n, const char
       crimage_error_clear(&e);
     }
   }
-  settle_names(&w);
-  if (w.n_images)
-    qsort(w.images, w.n_images, sizeof(*w.images), cmp_image);
+  want_settle(&w);
   char **dirs = xcalloc(w.n_layers + 1, sizeof(char *));
   for (size_t i = 0; i < w.n_layers; i++)
     dirs[i] = xstrdup(w.layers[i].target);
@@ -781,18 +363,18 @@ int cstorage_sync(cstorage *cs, const cstorage_source *src, size_t n, const char
   for (size_t i = 0; i < w.n_layers && result == 0; i++) {
     want_layer *l = &w.layers[i];
     if (*l->parent) {
-      const want_layer *p = find_layer(&w, l->parent);
+      const want_layer *p = want_find_layer(&w, l->parent);
       l->lower = p->lower ? xasprintf("l/%s:%s", p->link, p->lower) : xasprintf("l/%s", p->link);
     }
     if (layer_dir_complete(driver_fd, links_fd, l)) {
-      l->measured = measured_before(old, l->id);
+      l->measured = layer_measured_before(old, l->id);
     } else {
       result = layer_dir_create(driver_fd, links_fd, l, err);
       created = true;
       changes++;
     }
     if (result == 0 && !l->measured)
-      l->measured = measure_layer(l->target);
+      l->measured = layer_measure(l->target);
   }
   /* Durable before layers.json names them. */
   if (result == 0 && created && syncfs(driver_fd) < 0)
@@ -812,7 +394,7 @@ int cstorage_sync(cstorage *cs, const cstorage_source *src, size_t n, const char
       json_object *e = json_object_array_get_idx(old, i);
       const char *id = json_get_string(e, "id");
       struct stat st;
-      if (id && is_id(id) && !find_layer(&w, id) && fstatat(driver_fd, id, &st, AT_SYMLINK_NOFOLLOW) == 0)
+      if (id && is_id(id) && !want_find_layer(&w, id) && fstatat(driver_fd, id, &st, AT_SYMLINK_NOFOLLOW) == 0)
         json_object_array_add(both, json_object_get(e));
     }
     int r = replace_locked(&cs->layers_lock, layers_path, json_text(both), err);
