@@ -206,23 +206,29 @@ static const char *json_text(json_object *o)
   return json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
 }
 
-/* Replaces a file of the tree unless it already holds data: under the store's lock, with a new last-writer marker
- * once it changed. Returns 1 when written. */
-static int replace_locked(cs_lock *lock, const char *path, const char *data, crimage_error **err)
+/* Whether the file at path holds exactly data (read up to one byte more than data, so nothing larger is read). */
+static bool file_holds(const char *path, const char *data, size_t len)
 {
   char *old = NULL;
   size_t old_len = 0;
   crimage_error *e = NULL;
-  bool same = read_file(path, CS_JSON_MAX_SIZE, &old, &old_len, &e) == 0 && old_len == strlen(data) &&
-              memcmp(old, data, old_len) == 0;
+  bool same = read_file(path, len + 1, &old, &old_len, &e) == 0 && old_len == len && memcmp(old, data, len) == 0;
   free(old);
   crimage_error_clear(&e);
-  if (same)
+  return same;
+}
+
+/* Replaces a file of the tree unless it already holds data: under the store's lock, with a new last-writer marker
+ * once it changed. Returns 1 when written. */
+static int replace_locked(cs_lock *lock, const char *path, const char *data, crimage_error **err)
+{
+  size_t len = strlen(data);
+  if (file_holds(path, data, len))
     return 0;
   int r = cs_lock_acquire(lock, err);
   if (r < 0)
     return r;
-  r = write_file_atomic(path, data, strlen(data), 0600, err);
+  r = write_file_atomic(path, data, len, 0600, err);
   if (r == 0)
     r = cs_lock_touch(lock, err);
   cs_lock_release(lock);
@@ -264,14 +270,7 @@ static int write_big_data(const cstorage *cs, const want_image *im, crimage_erro
   for (int i = 0; i < CS_N_BIG_DATA && r == 0; i++) {
     cleanup_free char *file = cs_big_data_file(bd[i].key);
     cleanup_free char *path = xasprintf("%s/%s", dir, file);
-    char *old = NULL;
-    size_t old_len = 0;
-    crimage_error *e = NULL;
-    bool same = read_file(path, bd[i].len + 1, &old, &old_len, &e) == 0 && old_len == bd[i].len &&
-                memcmp(old, bd[i].data, old_len) == 0;
-    free(old);
-    crimage_error_clear(&e);
-    if (!same)
+    if (!file_holds(path, bd[i].data, bd[i].len))
       r = write_file_atomic(path, bd[i].data, bd[i].len, 0600, err);
   }
   big_data_clear(bd);

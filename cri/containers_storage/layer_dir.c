@@ -47,8 +47,10 @@ bool layer_dir_complete(int driver_fd, int links_fd, want_layer *l)
   if (read_small(fd, "link", link, sizeof(link)) < 0 || strlen(link) != CS_LINK_LEN ||
       strspn(link, "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") != CS_LINK_LEN || !link_matches(fd, "diff", l->target))
     return false;
-  char lower[8192];
-  int r = read_small(fd, "lower", lower, sizeof(lower));
+  /* Room for the expected content and one byte more, so that a longer file does not compare equal. */
+  size_t lower_size = (l->lower ? strlen(l->lower) : 0) + 2;
+  cleanup_free char *lower = xmalloc(lower_size);
+  int r = read_small(fd, "lower", lower, lower_size);
   if (l->lower ? r < 0 || !streq(lower, l->lower) : r != -ENOENT)
     return false;
   cleanup_free char *back = xasprintf("../%s/diff", l->id);
@@ -110,16 +112,12 @@ int layer_dir_create(int driver_fd, int links_fd, want_layer *l, crimage_error *
 /* At most this many distinct owners are listed per layer (containers/storage sizes user namespaces by them). */
 #define CS_MAX_IDS 65536
 
-static void add_id(uint32_t **ids, size_t *n, uint32_t id)
-{
-  for (size_t i = 0; i < *n; i++)
-    if ((*ids)[i] == id)
-      return;
-  if (*n >= CS_MAX_IDS)
-    return;
-  *ids = xrealloc(*ids, (*n + 1) * sizeof(**ids));
-  (*ids)[(*n)++] = id;
-}
+/* The owners seen in a walk: appended as they come and sorted and made unique whenever the buffer fills, so a
+ * layer of a million files with as many owners costs a few sorts, never a search per file. */
+typedef struct id_set {
+  uint32_t *v;
+  size_t n, cap;
+} id_set;
 
 static int cmp_u32(const void *a, const void *b)
 {
@@ -127,12 +125,39 @@ static int cmp_u32(const void *a, const void *b)
   return x < y ? -1 : x > y;
 }
 
-static json_object *id_array(uint32_t *ids, size_t n)
+static void id_set_compact(id_set *s)
 {
-  qsort(ids, n, sizeof(*ids), cmp_u32);
+  if (s->n == 0)
+    return;
+  qsort(s->v, s->n, sizeof(*s->v), cmp_u32);
+  size_t k = 1;
+  for (size_t i = 1; i < s->n; i++)
+    if (s->v[i] != s->v[k - 1])
+      s->v[k++] = s->v[i];
+  s->n = k < CS_MAX_IDS ? k : CS_MAX_IDS;
+}
+
+static void id_set_add(id_set *s, uint32_t id)
+{
+  if (s->n && s->v[s->n - 1] == id) /* the files of a layer mostly share their owner */
+    return;
+  if (s->n == s->cap) {
+    if (s->cap >= 2 * CS_MAX_IDS) {
+      id_set_compact(s);
+    } else {
+      s->cap = s->cap ? 2 * s->cap : 64;
+      s->v = xrealloc(s->v, s->cap * sizeof(*s->v));
+    }
+  }
+  s->v[s->n++] = id;
+}
+
+static json_object *id_array(id_set *s)
+{
+  id_set_compact(s);
   json_object *a = json_object_new_array();
-  for (size_t i = 0; i < n; i++)
-    json_object_array_add(a, json_object_new_int64(ids[i]));
+  for (size_t i = 0; i < s->n; i++)
+    json_object_array_add(a, json_object_new_int64(s->v[i]));
   return a;
 }
 
@@ -144,8 +169,7 @@ json_object *layer_measure(const char *dir)
   char *paths[] = {(char *) dir, NULL};
   FTS *fts = fts_open(paths, FTS_PHYSICAL | FTS_NOCHDIR, NULL);
   uint64_t size = 0;
-  uint32_t *uids = NULL, *gids = NULL;
-  size_t n_uids = 0, n_gids = 0;
+  id_set uids = {0}, gids = {0};
   for (FTSENT *e; fts && (e = fts_read(fts));) {
     if (e->fts_info == FTS_DP || !e->fts_statp)
       continue;
@@ -153,20 +177,20 @@ json_object *layer_measure(const char *dir)
     if (S_ISREG(st->st_mode) || S_ISLNK(st->st_mode))
       size = u64_add_sat(size, (uint64_t) st->st_size);
     if (e->fts_level > 0) {
-      add_id(&uids, &n_uids, st->st_uid);
-      add_id(&gids, &n_gids, st->st_gid);
+      id_set_add(&uids, st->st_uid);
+      id_set_add(&gids, st->st_gid);
     }
   }
   if (fts)
     fts_close(fts);
   json_object *o = json_object_new_object();
   json_object_object_add(o, "diff-size", json_object_new_int64(size > INT64_MAX ? INT64_MAX : (int64_t) size));
-  if (n_uids)
-    json_object_object_add(o, "uidset", id_array(uids, n_uids));
-  if (n_gids)
-    json_object_object_add(o, "gidset", id_array(gids, n_gids));
-  free(uids);
-  free(gids);
+  if (uids.n)
+    json_object_object_add(o, "uidset", id_array(&uids));
+  if (gids.n)
+    json_object_object_add(o, "gidset", id_array(&gids));
+  free(uids.v);
+  free(gids.v);
   return o;
 }
 

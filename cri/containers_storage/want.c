@@ -101,6 +101,23 @@ int want_add(want *w, const cstorage_source *s, crimage_error **err)
   if (strv_length(img->diff_ids) != n)
     return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
                              "image %s: the layers' uncompressed digests are not recorded (pull it again)", img->id);
+  want_image *im = want_find_image(w, digest_hex(img->id));
+  if (im) {
+    /* Another handler's record of the same image (the same config, so the same layers): one image with the names
+     * of both, and nothing read again. */
+    cleanup_strv char **more = names_of(img);
+    for (char **p = more; *p; p++)
+      strv_add_unique(&im->names, *p);
+    if (img->created_ns > im->record_ns)
+      im->record_ns = img->created_ns;
+    return 0;
+  }
+  for (size_t i = 0; i < n; i++)
+    if (!store_layer_exists(s->st, img->diff_ids[i]))
+      return crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
+                               "image %s: layer %s is not unpacked (pulled before its handler had a tree: the next "
+                               "pull of it unpacks it)",
+                               img->id, img->diff_ids[i]);
   char *manifest_data = NULL, *config_data = NULL;
   size_t manifest_len = 0, config_len = 0;
   int r = store_blob_read(s->st, img->manifest_digest, MANIFEST_MAX_SIZE, &manifest_data, &manifest_len, err);
@@ -118,20 +135,8 @@ int want_add(want *w, const cstorage_source *s, crimage_error **err)
   if (r < 0)
     return crimage_error_wrap(err, "image %s", img->id);
   cleanup_free char *cdata = config_data;
-  char *targets[n + 1];
-  size_t n_targets = 0;
-  int result = 0;
-  for (size_t i = 0; i < n && result == 0; i++) {
-    targets[i] = store_layer_path(s->st, img->diff_ids[i]);
-    n_targets++;
-    if (!targets[i] || !store_layer_exists(s->st, img->diff_ids[i]))
-      result = crimage_error_set(err, CRIMAGE_FAILED_PRECONDITION, 0,
-                                 "image %s: layer %s is not unpacked (pulled before its handler had a tree: the "
-                                 "next pull of it unpacks it)",
-                                 img->id, img->diff_ids[i]);
-  }
   char id[CS_ID_LEN + 1] = "";
-  for (size_t i = 0; i < n && result == 0; i++) {
+  for (size_t i = 0; i < n; i++) {
     char parent[CS_ID_LEN + 1];
     memcpy(parent, id, sizeof(id));
     cs_layer_id(parent, img->diff_ids[i], id);
@@ -144,22 +149,7 @@ int want_add(want *w, const cstorage_source *s, crimage_error **err)
     memcpy(l->parent, parent, sizeof(parent));
     l->diff_id = xstrdup(img->diff_ids[i]);
     l->blob = xstrdup(img->layers[i]);
-    l->target = TAKE_PTR(targets[i]);
-  }
-  for (size_t i = 0; i < n_targets; i++)
-    free(targets[i]);
-  if (result < 0)
-    return result;
-
-  want_image *im = want_find_image(w, digest_hex(img->id));
-  if (im) {
-    /* Another handler's record of the same image: one image with the names of both. */
-    cleanup_strv char **more = names_of(img);
-    for (char **p = more; *p; p++)
-      strv_add_unique(&im->names, *p);
-    if (img->created_ns > im->record_ns)
-      im->record_ns = img->created_ns;
-    return 0;
+    l->target = store_layer_path(s->st, img->diff_ids[i]);
   }
   w->images = xrealloc(w->images, (w->n_images + 1) * sizeof(*w->images));
   im = &w->images[w->n_images++];
